@@ -1,0 +1,1 @@
+"""The `swarm` command: parses arguments into config objects and starts components."""

@@ -1,0 +1,1 @@
+"""The server side: loads a contiguous range of blocks and serves them to clients."""
