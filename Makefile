@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m swarm.split_demo
+	$(PY) -m cli.split_demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q

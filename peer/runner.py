@@ -1,0 +1,203 @@
+"""Runs a peer's blocks on validated steps. Knows nothing about the network.
+
+Each session owns a full-length cache object of the model's own cache class (only layers
+``[start, end)`` ever fill), so the blocks' attention code updates it exactly as in the unsplit
+model. Sessions belong to the client that opened them and expire when unused.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from peer.loader import LoadedBlocks
+from swarm.protocol import ProtocolError, StepRequest, StepResponse
+from swarm.wire import CacheRef
+
+
+class SessionError(ProtocolError):
+    """Unknown, foreign or over-budget session."""
+
+
+@dataclass(frozen=True)
+class RunnerLimits:
+    """What one peer accepts. Every limit is checked before any compute."""
+
+    max_batch: int = 256  # rows per step
+    max_tokens_per_step: int = 16384  # batch x sequence length of one step
+    max_sessions: int = 256  # open sessions, all clients together
+    max_sessions_per_client: int = 32  # open sessions of one client
+    session_ttl_s: float = 300.0  # a session unused this long is dropped (its client vanished)
+    max_session_length: int = 8192  # tokens one session may hold
+
+
+@dataclass
+class Session:
+    session_id: str
+    owner: str  # who opened it (peer id of the client); only they may use it
+    cache: object  # a transformers Cache of the model's own class
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class BlockRunner:
+    """Blocks ``[start, end)`` plus the sessions that use them."""
+
+    def __init__(self, loaded: LoadedBlocks, limits: RunnerLimits = RunnerLimits()):
+        self.loaded = loaded
+        self.limits = limits
+        self.start, self.end = loaded.start, loaded.end
+        self.config = loaded.config
+        self.hidden_size: int | None = getattr(loaded.config, "hidden_size", None)
+        self.attn_implementation: str | None = getattr(loaded.config, "_attn_implementation", None)
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    # ---- sessions -------------------------------------------------------------------------------------
+
+    def _session(self, req: StepRequest, owner: str) -> Session | None:
+        if req.session_id is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            session = self._sessions.get(req.session_id)
+            if session is not None:
+                if session.owner != owner:
+                    raise SessionError(f"session {req.session_id!r} belongs to another client")
+                session.last_used = now
+                return session
+            if len(self._sessions) >= self.limits.max_sessions:
+                raise SessionError(f"peer is full: {len(self._sessions)} open sessions (limit {self.limits.max_sessions})")
+            mine = sum(1 for s in self._sessions.values() if s.owner == owner)
+            if mine >= self.limits.max_sessions_per_client:
+                raise SessionError(
+                    f"client has {mine} open sessions on this peer (limit {self.limits.max_sessions_per_client}); "
+                    "close finished sessions"
+                )
+            session = Session(req.session_id, owner, self._new_cache(req.cache_class), now)
+            self._sessions[req.session_id] = session
+            return session
+
+    def _new_cache(self, cache_class: str | None):
+        import transformers
+        from transformers.cache_utils import Cache
+
+        name = cache_class or "DynamicCache"
+        cls = getattr(transformers, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, Cache)):
+            raise ProtocolError(f"cache class {name!r} is not a transformers Cache")
+        try:
+            return cls(config=self.config)
+        except TypeError as exc:
+            raise ProtocolError(f"cache class {name!r} cannot be built from the model config: {exc}") from exc
+
+    def _expire(self, now: float) -> None:
+        ttl = self.limits.session_ttl_s
+        for sid in [sid for sid, s in self._sessions.items() if now - s.last_used > ttl]:
+            del self._sessions[sid]
+
+    def close_session(self, session_id: str, owner: str) -> bool:
+        """Forget a session. Returns whether it existed; closing another client's session is refused."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                return False
+            if session.owner != owner:
+                raise SessionError(f"session {session_id!r} belongs to another client")
+            del self._sessions[session_id]
+            return True
+
+    @property
+    def num_sessions(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    # ---- compute -------------------------------------------------------------------------------------
+
+    def validate(self, req: StepRequest) -> None:
+        """Reject anything this peer cannot or will not run, before any compute."""
+        if not (self.start <= req.start < req.end <= self.end):
+            raise ProtocolError(f"blocks {req.start}:{req.end} requested, this peer serves {self.start}:{self.end}")
+        h = req.hidden
+        if h.ndim < 2 or not h.is_floating_point():
+            raise ProtocolError(f"hidden state must be a floating tensor of >= 2 dims, got {h.dtype} {tuple(h.shape)}")
+        if self.hidden_size is not None and h.shape[-1] != self.hidden_size:
+            raise ProtocolError(f"hidden state has size {h.shape[-1]} in its last dim, the model has {self.hidden_size}")
+        if h.shape[0] > self.limits.max_batch:
+            raise ProtocolError(f"batch of {h.shape[0]} rows exceeds the limit of {self.limits.max_batch}")
+        tokens = h.shape[0] * (h.shape[1] if h.ndim > 2 else 1)
+        if tokens > self.limits.max_tokens_per_step:
+            raise ProtocolError(f"step of {tokens} tokens exceeds the limit of {self.limits.max_tokens_per_step}")
+        if req.attn_implementation is not None and self.attn_implementation is not None:
+            if req.attn_implementation != self.attn_implementation:
+                raise ProtocolError(
+                    f"client builds masks for attn_implementation={req.attn_implementation!r}, this peer runs "
+                    f"{self.attn_implementation!r}; load the client with the same attn_implementation"
+                )
+        if req.max_length is not None and req.max_length > self.limits.max_session_length:
+            raise ProtocolError(f"max_length {req.max_length} exceeds this peer's limit of {self.limits.max_session_length}")
+
+    def step(self, req: StepRequest, owner: str = "local") -> StepResponse:
+        self.validate(req)
+        session = self._session(req, owner)
+        cache = session.cache if session is not None else None
+        if session is not None:
+            for name, arg in req.cache_ops:
+                self._apply_op(cache, name, arg)
+            length = cache.get_seq_length(self._first_attention_layer(cache)) + (req.hidden.shape[1] if req.hidden.ndim > 2 else 1)
+            if length > self.limits.max_session_length:
+                raise SessionError(
+                    f"session would hold {length} tokens, more than this peer's limit of {self.limits.max_session_length}"
+                )
+        device, dtype = self.loaded.device, self.loaded.dtype
+        hidden = req.hidden.to(device=device, dtype=dtype)
+        calls = [
+            (tuple(_prepare(a, cache, device, dtype) for a in args), {k: _prepare(v, cache, device, dtype) for k, v in kwargs.items()})
+            for args, kwargs in req.calls
+        ]
+        with torch.inference_mode():
+            for offset, i in enumerate(range(req.start, req.end)):
+                args, kwargs = calls[req.layer_calls[offset]]
+                block: nn.Module = self.loaded.blocks[i - self.start]
+                out = block(hidden, *args, **kwargs)
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+        return StepResponse(hidden=hidden.to(req.hidden.dtype))
+
+    def _first_attention_layer(self, cache) -> int:
+        return self.start if len(getattr(cache, "layers", ())) > self.start else 0
+
+    def _apply_op(self, cache, name: str, arg) -> None:
+        if name == "reorder_cache" or name == "batch_select_indices":
+            arg = arg.to(self.loaded.device)
+        try:
+            if arg is None:
+                getattr(cache, name)()
+            else:
+                getattr(cache, name)(arg)
+        except (RuntimeError, IndexError, ValueError) as exc:
+            raise ProtocolError(f"cache operation {name}({arg if not isinstance(arg, torch.Tensor) else tuple(arg.shape)}) failed: {exc}") from exc
+
+
+def _prepare(value, cache, device: torch.device, dtype: torch.dtype):
+    """Turn a decoded argument into what the block takes: cache refs to the session's cache, tensors to our device/dtype."""
+    if isinstance(value, CacheRef):
+        if cache is None:
+            raise ProtocolError("a cache argument was sent without a session")
+        return cache
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and value.dtype != dtype:
+            value = value.to(dtype)
+            if not torch.isfinite(value).all():  # additive masks: keep them finite at lower precision
+                value = torch.nan_to_num(value, neginf=torch.finfo(dtype).min, posinf=torch.finfo(dtype).max)
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_prepare(v, cache, device, dtype) for v in value)
+    if isinstance(value, list):
+        return [_prepare(v, cache, device, dtype) for v in value]
+    if isinstance(value, dict):
+        return {k: _prepare(v, cache, device, dtype) for k, v in value.items()}
+    return value
