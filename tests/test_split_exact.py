@@ -91,3 +91,49 @@ def test_encoder_matches_local(name, model_dir):
         want = local(input_ids=ids, attention_mask=mask).last_hidden_state
         got = split(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_vision_transformer_matches_local(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
+        image_size=32, patch_size=8,
+    )
+    ViTModel(config).save_pretrained(tmp_path / "vit")
+    local = ViTModel.from_pretrained(tmp_path / "vit").eval()
+    peers = start_local_peers(tmp_path / "vit", RANGES)
+    split = load_client_model(tmp_path / "vit", lambda layout, cfg: local_router(peers, layout.num_blocks))
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(split(pixel_values=pixels).pooler_output, local(pixel_values=pixels).pooler_output)
+
+
+def test_cache_crop_and_sampling_are_forwarded(model_dir):
+    """Prompt-lookup decoding crops the cache after rejected drafts; seeded sampling must match too."""
+    local, split, peers = load_pair("llama", model_dir)
+    prompt = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])  # repetitive, so drafts get proposed and some rejected
+    lookup = dict(max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=3, pad_token_id=0)
+    applied = []
+    for peer in peers:  # a spy that still runs the real operation
+        runner, real = peer.handler.runner, peer.handler.runner._apply_op
+        runner._apply_op = lambda cache, name, arg, real=real: (applied.append(name), real(cache, name, arg))
+    assert torch.equal(split.generate(prompt, **lookup), local.generate(prompt, **lookup))
+    assert "crop" in applied, "prompt-lookup decoding should have cropped the peers' caches"
+
+    sample = dict(max_new_tokens=16, do_sample=True, top_k=20, num_return_sequences=3, pad_token_id=0)
+    torch.manual_seed(123)
+    want = local.generate(prompt, **sample)
+    torch.manual_seed(123)
+    got = split.generate(prompt, **sample)
+    assert torch.equal(got, want)
+
+
+def test_client_holds_no_block_weights_and_peers_only_theirs(model_dir):
+    local, split, peers = load_pair("llama", model_dir)
+    block_params = sum(p.numel() for p in local.model.layers.parameters())
+    assert sum(p.numel() for p in split.parameters()) == sum(p.numel() for p in local.parameters()) - block_params
+    for peer, (start, end) in zip(peers, RANGES):
+        held = sum(p.numel() for p in peer.handler.runner.loaded.blocks.parameters())
+        assert held == sum(p.numel() for p in local.model.layers[start:end].parameters())

@@ -145,6 +145,49 @@ def _gemma3():
     )
 
 
+def _mixtral():
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, num_local_experts=4,
+        num_experts_per_tok=2, pad_token_id=0,
+    )
+
+
+def _starcoder2():
+    from transformers import Starcoder2Config
+
+    return Starcoder2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0,
+    )
+
+
+def _olmo2():
+    from transformers import Olmo2Config
+
+    return Olmo2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0,
+    )
+
+
+def _roberta():
+    from transformers import RobertaConfig
+
+    return RobertaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
+        vocab_size=128, max_position_embeddings=256, pad_token_id=1,
+    )
+
+
+def _distilbert():
+    from transformers import DistilBertConfig
+
+    return DistilBertConfig(dim=64, hidden_dim=128, n_layers=NUM_LAYERS, n_heads=4, vocab_size=128, pad_token_id=0)
+
+
 TINY_MODELS: dict[str, TinyModel] = {
     m.name: m
     for m in [
@@ -162,6 +205,11 @@ TINY_MODELS: dict[str, TinyModel] = {
         TinyModel("falcon", _falcon, causal=True),
         TinyModel("gemma", _gemma, causal=True),
         TinyModel("gemma3", _gemma3, causal=True, attn_implementation="eager"),
+        TinyModel("mixtral", _mixtral, causal=True),
+        TinyModel("starcoder2", _starcoder2, causal=True),
+        TinyModel("olmo2", _olmo2, causal=True),
+        TinyModel("roberta", _roberta, causal=False),
+        TinyModel("distilbert", _distilbert, causal=False),
     ]
 }
 
