@@ -241,12 +241,11 @@ def test_only_the_lease_holders_plan_is_accepted(nodes, mkey):
     assert publish_plan(a.dht, mkey, leader_plan)
     # b is not the leader: its plan is stored, with a higher epoch, and ignored
     assert publish_plan(b.dht, mkey, make_plan(b, 5, {b.peer_id: (0, 8)}))
-    # b signs a plan that names a as its coordinator: ignored as well
-    forged = make_plan(a, 9, {b.peer_id: (0, 8)}).to_dht()
-    # (a later expiration than b's own plan above, or the DHT keeps the earlier-stored one)
-    assert b.dht.store(control_key(mkey), forged, get_dht_time() + 900, subkey=f"plan:{mkey}{b.marker}")
+    # c signs a plan that names a as its coordinator: ignored as well
+    forged = make_plan(a, 9, {c.peer_id: (0, 8)}).to_dht()
+    assert c.dht.store(control_key(mkey), forged, get_dht_time() + 60, subkey=f"plan:{mkey}{c.marker}")
     with pytest.raises(RegistryError):
-        publish_plan(b.dht, mkey, make_plan(a, 9, {b.peer_id: (0, 8)}))
+        publish_plan(c.dht, mkey, make_plan(a, 9, {c.peer_id: (0, 8)}))
     for reader in (a, b, c):
         assert get_plan(reader.dht, mkey) == leader_plan
     state = read_control(c.dht, mkey)
