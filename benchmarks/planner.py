@@ -1,0 +1,192 @@
+"""Planner benchmark: time to plan, balance, and churn on simulated heterogeneous swarms.
+
+    .venv/bin/python benchmarks/planner.py [--quick] [--exact]
+
+A 70B-class model: 80 blocks of ~1.6 GB at float16. Peers are drawn (seeded) from a mix of real devices
+with 8 GB to 80 GB of memory; capacity = (free memory - 1.5 GB activation/KV reserve) / 1.62 GB per block,
+so an 8 GB card holds 4 blocks and an 80 GB card 48. Per-block throughput is proportional to the device's
+memory bandwidth (decode is bandwidth-bound), with +-15% (lognormal) jitter for host and driver
+differences. The upper bound on the bottleneck is sum(throughput * min(capacity, blocks)) / blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from coordinator.planner import PeerSpec, plan, throughput_upper_bound  # noqa: E402
+
+NUM_BLOCKS = 80
+BLOCK_GB = 1.62  # GB per block at float16 incl. a small KV-cache share (70B params * 2 B / 80 blocks + KV)
+RESERVE_GB = 1.5  # GB kept free for activations
+
+# (name, memory GB, memory bandwidth GB/s, relative frequency in a volunteer swarm)
+DEVICES = [
+    ("RTX 4060 8GB", 8, 272, 10),
+    ("RTX 3070 8GB", 8, 448, 8),
+    ("RTX 3060 12GB", 12, 360, 10),
+    ("RTX 4070 12GB", 12, 504, 8),
+    ("T4 16GB", 16, 320, 6),
+    ("RTX 4080 16GB", 16, 717, 6),
+    ("RTX 3090 24GB", 24, 936, 10),
+    ("RTX 4090 24GB", 24, 1008, 10),
+    ("A10 24GB", 24, 600, 5),
+    ("A100 40GB", 40, 1555, 4),
+    ("RTX A6000 48GB", 48, 768, 4),
+    ("L40S 48GB", 48, 864, 4),
+    ("A100 80GB", 80, 2039, 6),
+    ("H100 80GB", 80, 3350, 4),
+]
+
+
+def draw_peer(rng: random.Random, peer_id: str) -> PeerSpec:
+    _, mem, bw, _ = rng.choices(DEVICES, weights=[d[3] for d in DEVICES])[0]
+    free = mem * rng.uniform(0.92, 1.0)  # some memory is already taken by the desktop / other processes
+    capacity = max(0, int((free - RESERVE_GB) / BLOCK_GB))
+    # tokens/s through one block: bandwidth / block bytes, times an effective decode batch of 4, with jitter
+    throughput = bw / BLOCK_GB * 4 * math.exp(rng.gauss(0.0, 0.15))
+    return PeerSpec(peer_id, max(capacity, 1), round(throughput, 2))
+
+
+def draw_swarm(n: int, seed: int) -> list[PeerSpec]:
+    rng = random.Random(seed)
+    return [draw_peer(rng, f"peer-{seed}-{i:05d}") for i in range(n)]
+
+
+def time_plan(peers: list[PeerSpec], repeats: int) -> tuple[float, object]:
+    times = []
+    result = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = plan(peers, NUM_BLOCKS)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def with_current(peers: list[PeerSpec], assignments: dict) -> list[PeerSpec]:
+    return [PeerSpec(p.peer_id, p.capacity_blocks, p.throughput, assignments.get(p.peer_id)) for p in peers]
+
+
+def reloaded(before: dict, after) -> tuple[int, int]:
+    """(serving peers moved, blocks they reload): a moved peer reloads the blocks of its new range it lacked."""
+    moved = blocks = 0
+    for pid in after.moved:
+        s0, e0 = before[pid]
+        s1, e1 = after.assignments[pid]
+        moved += 1
+        blocks += (e1 - s1) - max(0, min(e0, e1) - max(s0, s1))
+    return moved, blocks
+
+
+def exact_optimum(peers: list[PeerSpec], n: int, time_limit_s: float) -> tuple[float, bool]:
+    """(best bottleneck found, proven optimal) by mixed-integer programming; needs scipy (HiGHS)."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import lil_matrix
+
+    choices = [(i, s, min(p.capacity_blocks, n)) for i, p in enumerate(peers) for s in range(n - min(p.capacity_blocks, n) + 1)]
+    nv = len(choices) + 1  # one binary per (peer, start), then the bottleneck z
+    a = lil_matrix((n + len(peers), nv))
+    for j, (i, s, length) in enumerate(choices):
+        for b in range(s, s + length):
+            a[b, j] = -peers[i].throughput  # z - sum(throughput covering b) <= 0
+        a[n + i, j] = 1  # each peer gets exactly one start
+    for b in range(n):
+        a[b, nv - 1] = 1
+    lo = np.r_[np.full(n, -np.inf), np.ones(len(peers))]
+    hi = np.r_[np.zeros(n), np.ones(len(peers))]
+    cost = np.zeros(nv)
+    cost[-1] = -1  # maximise z
+    res = milp(cost, constraints=LinearConstraint(a.tocsr(), lo, hi), integrality=np.r_[np.ones(nv - 1), 0],
+               bounds=Bounds(0, np.r_[np.ones(nv - 1), np.inf]), options={"time_limit": time_limit_s})
+    return -res.fun, res.status == 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (for CI smoke runs)")
+    ap.add_argument("--exact", action="store_true", help="also compare 10-peer swarms with the exact optimum (scipy MILP, up to 60 s each)")
+    args = ap.parse_args()
+    repeats = {10: 20, 100: 10, 1000: 5, 10000: 5} if not args.quick else {10: 3, 100: 3, 1000: 1, 10000: 1}
+
+    print(f"model: {NUM_BLOCKS} blocks x {BLOCK_GB} GB; devices 8-80 GB -> capacities "
+          f"{min(int((d[1] - RESERVE_GB) / BLOCK_GB) for d in DEVICES)}-"
+          f"{max(int((d[1] - RESERVE_GB) / BLOCK_GB) for d in DEVICES)} blocks")
+    print()
+    print("| peers | plan time (median) | replan, nothing changed | bottleneck tok/s | upper bound tok/s | fraction | uncovered |")
+    print("|------:|-------------------:|------------------------:|-----------------:|------------------:|---------:|----------:|")
+    for n in (10, 100, 1000, 10000):
+        peers = draw_swarm(n, seed=n)
+        t_plan, result = time_plan(peers, repeats[n])
+        serving = with_current(peers, result.assignments)
+        t_replan, again = time_plan(serving, max(1, repeats[n] // 2))
+        if again.moved:
+            raise SystemExit(f"BUG: re-planning an unchanged swarm of {n} moved {len(again.moved)} peers")
+        bound = throughput_upper_bound(peers, NUM_BLOCKS)
+        unc = sum(e - s for s, e in result.uncovered)
+        print(f"| {n:>5} | {t_plan * 1e3:>15.1f} ms | {t_replan * 1e3:>20.1f} ms | {result.bottleneck:>16.0f} "
+              f"| {bound:>17.0f} | {result.bottleneck / bound:>8.3f} | {unc:>9} |")
+
+    print()
+    print("churn on a balanced swarm of 100 (blocks reloaded = blocks of a moved peer's new range it did not hold):")
+    base_peers = draw_swarm(100, seed=100)
+    base = plan(base_peers, NUM_BLOCKS)
+    serving = with_current(base_peers, base.assignments)
+
+    rng = random.Random(7)
+    join_moved, join_blocks, join_load, join_gain = [], [], [], []
+    for j in range(30):
+        newcomer = draw_peer(rng, f"joiner-{j:03d}")
+        after = plan(serving + [newcomer], NUM_BLOCKS)
+        m, b = reloaded(base.assignments, after)
+        join_moved.append(m)
+        join_blocks.append(b)
+        s, e = after.assignments[newcomer.peer_id]
+        join_load.append(e - s)
+        join_gain.append(after.bottleneck / base.bottleneck - 1)
+
+    leave_moved, leave_blocks, leave_loss, leave_uncovered = [], [], [], 0
+    for gone in base_peers:
+        rest = [p for p in serving if p.peer_id != gone.peer_id]
+        after = plan(rest, NUM_BLOCKS)
+        m, b = reloaded(base.assignments, after)
+        leave_moved.append(m)
+        leave_blocks.append(b)
+        leave_loss.append(1 - after.bottleneck / base.bottleneck)
+        leave_uncovered += bool(after.uncovered)
+
+    def stats(xs: list[float], fmt: str = "{:.2f}") -> str:
+        return f"mean {fmt.format(statistics.mean(xs))}, max {fmt.format(max(xs))}"
+
+    print("| event | cases | serving peers moved | blocks reloaded by serving peers | newcomer loads | bottleneck change |")
+    print("|-------|------:|--------------------:|---------------------------------:|---------------:|------------------:|")
+    print(f"| one peer joins | {len(join_moved)} | {stats(join_moved)} | {stats(join_blocks)} | "
+          f"{stats(join_load, '{:.1f}')} blocks | {stats([100 * g for g in join_gain], '{:+.1f}')} % |")
+    print(f"| one peer leaves | {len(leave_moved)} | {stats(leave_moved)} | {stats(leave_blocks)} | - | "
+          f"{stats([-100 * x for x in leave_loss], '{:+.1f}')} % |")
+    print(f"(after a departure, plans with uncovered blocks: {leave_uncovered})")
+
+    if args.exact:
+        print()
+        print("10-peer swarms against the exact optimum (the upper bound is out of reach for few, large peers):")
+        print("| seed | planner tok/s | optimum tok/s | planner / optimum | optimum / upper bound |")
+        print("|-----:|--------------:|--------------:|------------------:|----------------------:|")
+        for seed in (10, 1010, 2010, 3010, 4010, 5010):
+            peers = draw_swarm(10, seed=seed)
+            got = plan(peers, NUM_BLOCKS).bottleneck
+            best, proven = exact_optimum(peers, NUM_BLOCKS, time_limit_s=60)
+            best = max(best, got)
+            mark = "" if proven else " (best found in 60 s)"
+            print(f"| {seed} | {got:.0f} | {best:.0f}{mark} | {got / best:.3f} | "
+                  f"{best / throughput_upper_bound(peers, NUM_BLOCKS):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
