@@ -1,0 +1,672 @@
+"""The wire codec every client <-> peer message uses.
+
+A message is a nested Python structure: the per-layer args/kwargs a transformers model passes to its
+decoder blocks, the hidden states, and small metadata. `encode` turns it into
+``(tensors, metadata)``: a list of hivemind ``runtime_pb2.Tensor`` protos (hivemind's tensor codec,
+so hivemind's streaming helpers can split them) and one msgpack blob that holds the structure, in
+which every tensor is a reference to its proto by index. `decode` reverses it. The format is
+described in ``docs/wire.md``.
+
+Why not pickle or hivemind's MSGPackSerializer: the peer decodes bytes from untrusted clients, so
+the decoder accepts a closed set of types, checks every declared shape against the bytes that back
+it and against `Limits` *before* allocating, and reports every problem as one exception type:
+
+- `WireError` (a ``ValueError``): malformed or oversized input on decode. The message carries the
+  numbers (index, shape, sizes, the limit). Lower-level errors (msgpack, protobuf, numpy) are
+  converted at this boundary with ``raise WireError(...) from exc``.
+- ``TypeError`` (encode only): the structure holds an object the wire cannot carry; the message
+  names the path, e.g. ``kwargs['foo'][2]: cannot send object of type Bar``.
+- ``ValueError`` (encode only): the structure is sendable in kind but not in size (nesting too deep,
+  a tensor over the limits, an int outside 64 bits); the receiver would refuse it anyway.
+
+Bandwidth decisions: tensors are deduplicated by identity (the rotary cos/sin every layer shares
+travel once); bool tensors and additive attention masks (only ``0`` and one fill value) travel as
+bits; other float32/float64 tensors can be sent as 16-bit floats on request
+(``activation_compression``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import msgpack
+import numpy as np
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+
+__all__ = [
+    "CacheRef",
+    "Limits",
+    "WireError",
+    "decode",
+    "decode_message",
+    "encode",
+    "encode_message",
+    "FORMAT_VERSION",
+]
+
+FORMAT_VERSION = 1  # first element of the metadata; bump on any incompatible change
+
+_NONE = runtime_pb2.CompressionType.NONE
+_FLOAT16 = runtime_pb2.CompressionType.FLOAT16
+_MEANSTD_16BIT = runtime_pb2.CompressionType.MEANSTD_16BIT
+
+# Compressions a caller may ask for. hivemind 1.1.12 also offers QUANTILE_8BIT and UNIFORM_8BIT, but
+# their decoder calls int() on a 1-element array, which numpy >= 2 rejects, and BLOCKWISE_8BIT needs
+# bitsandbytes: none of them would decode on our peers, so they are refused on both sides.
+_ACCEPTED_COMPRESSIONS = frozenset({_NONE, _FLOAT16, _MEANSTD_16BIT})
+# Only these dtypes are compressed to 16 bits. fp16/bf16 already are; and hivemind's 16-bit
+# decoders would scale a float16 result in place inside the read-only proto buffer.
+_COMPRESSIBLE_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+# Tensor dtypes that travel, by the name hivemind writes into ``Tensor.dtype``.
+_TENSOR_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_TENSOR_DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _TENSOR_DTYPES.items()}
+_ITEMSIZE: dict[str, int] = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in _TENSOR_DTYPES.items()}
+
+# Any torch.dtype may travel as a *value* (e.g. a ``dtype=`` kwarg), by its name.
+_DTYPE_VALUES: dict[str, torch.dtype] = {
+    name: value for name in dir(torch) if isinstance(value := getattr(torch, name), torch.dtype)
+}
+_DTYPE_VALUE_NAMES: dict[torch.dtype, str] = {}
+for _name, _dtype in sorted(_DTYPE_VALUES.items()):  # aliases (torch.float/float32): keep the canonical name
+    if str(_dtype) == f"torch.{_name}" or _dtype not in _DTYPE_VALUE_NAMES:
+        _DTYPE_VALUE_NAMES[_dtype] = _name
+
+# Node tags of the metadata tree: each non-native node is a msgpack array whose first element is one.
+_TAG_LIST, _TAG_TUPLE, _TAG_TENSOR, _TAG_DTYPE, _TAG_CACHE = 0, 1, 2, 3, 4
+
+# Bit-packed tensors: the value a set bit stands for (a clear bit is 0 / False).
+_FILL_BOOL, _FILL_FINFO_MIN, _FILL_NEG_INF = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class _MaskFormat:
+    """How a float dtype's additive masks are recognised (on integer views, so -0.0 and NaN never pass)."""
+
+    int_dtype: torch.dtype  # same-width integer dtype to compare bit patterns
+    fills: dict[int, int]  # fill code -> bit pattern of the fill value (as a signed int)
+    values: dict[int, float]  # fill code -> the fill value itself
+
+
+def _bit_pattern(value: float, dtype: torch.dtype, int_dtype: torch.dtype) -> int:
+    return int(torch.tensor(value, dtype=dtype).view(int_dtype).item())
+
+
+_MASK_FORMATS: dict[torch.dtype, _MaskFormat] = {}
+for _dtype, _int_dtype in (
+    (torch.float16, torch.int16),
+    (torch.bfloat16, torch.int16),
+    (torch.float32, torch.int32),
+    (torch.float64, torch.int64),
+):
+    _values = {_FILL_FINFO_MIN: torch.finfo(_dtype).min, _FILL_NEG_INF: -math.inf}
+    _MASK_FORMATS[_dtype] = _MaskFormat(
+        _int_dtype, {code: _bit_pattern(v, _dtype, _int_dtype) for code, v in _values.items()}, _values
+    )
+
+_GIB = 1 << 30
+_MIB = 1 << 20
+
+
+class WireError(ValueError):
+    """Malformed or oversized input met on decode; the message says which part, with the numbers.
+
+    Raised for everything a remote peer can get wrong, so a handler can catch this one type, answer
+    the caller with ``str(exc)``, and keep serving. The original low-level exception, if any, is
+    chained as ``__cause__``.
+    """
+
+
+@dataclass(frozen=True)
+class CacheRef:
+    """A KV-cache object inside a message: the cache stays on the peer, the wire carries its session."""
+
+    session_id: str  # the inference session whose cache this stands for
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What `decode` accepts. Sizes count *decoded* bytes, so a bit-packed mask pays its full size."""
+
+    max_tensors: int = 4096  # tensor protos per message (count)
+    max_tensor_bytes: int = _GIB  # decoded size of any one tensor (bytes)
+    max_total_bytes: int = 2 * _GIB  # decoded size of all tensors of a message together (bytes)
+    max_metadata_bytes: int = 8 * _MIB  # size of the msgpack metadata blob (bytes)
+    max_depth: int = 32  # nesting of containers (list/tuple/dict) in the structure (levels)
+    max_ndim: int = 8  # dimensions of any one tensor (count)
+
+    def __post_init__(self) -> None:
+        for name in ("max_tensors", "max_tensor_bytes", "max_total_bytes", "max_metadata_bytes", "max_depth", "max_ndim"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"Limits.{name} must be a non-negative int, got {value!r}")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+# ----------------------------------------------------------------------------------------------- encode
+
+
+class _PathError(Exception):
+    """Internal: an encode/decode problem found deep in the structure; container frames add the path."""
+
+    def __init__(self, kind: type[Exception], message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.segments: list[str | int] = []  # innermost first; reversed when formatted
+
+    def path(self) -> str:
+        parts = []
+        for i, segment in enumerate(reversed(self.segments)):
+            if i == 0 and isinstance(segment, str) and segment.isidentifier():
+                parts.append(segment)  # a top-level key reads as a name: kwargs['foo'][2]
+            else:
+                parts.append(f"[{segment!r}]")
+        return "".join(parts) or "<message>"
+
+
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what msgpack carries
+_NATIVE_LEAVES = (type(None), bool, float, str, bytes)
+
+
+class _Encoder:
+    """State of one `encode` call: the protos so far and the identity -> index map that dedups them."""
+
+    __slots__ = ("protos", "specs", "index_by_id", "compression", "limits", "total_bytes")
+
+    def __init__(self, compression: int | None, limits: Limits) -> None:
+        self.protos: list[runtime_pb2.Tensor] = []
+        self.specs: list[list | None] = []
+        self.index_by_id: dict[int, int] = {}  # id(tensor) -> proto index; the structure keeps ids alive
+        self.compression = compression
+        self.limits = limits
+        self.total_bytes = 0
+
+    def node(self, obj: Any, depth: int) -> Any:
+        """Return the msgpack-native form of ``obj``; ``depth`` counts the containers around it."""
+        tp = type(obj)
+        if tp in _NATIVE_LEAVES:
+            return obj
+        if tp is int:
+            if not _INT_MIN <= obj <= _INT_MAX:
+                raise _PathError(ValueError, f"cannot send int {obj}: outside the 64-bit range msgpack carries")
+            return obj
+        if tp is dict or tp is list or tp is tuple:
+            if depth >= self.limits.max_depth:
+                raise _PathError(
+                    ValueError, f"nesting deeper than {self.limits.max_depth} containers (Limits.max_depth); a cycle?"
+                )
+            if tp is dict:
+                out_map = {}
+                for key, value in obj.items():
+                    if type(key) is not str:
+                        raise _PathError(TypeError, f"cannot send dict key {key!r} of type {type(key).__qualname__}: keys must be str")
+                    try:
+                        out_map[key] = self.node(value, depth + 1)
+                    except _PathError as exc:
+                        exc.segments.append(key)
+                        raise
+                return out_map
+            out = [_TAG_LIST if tp is list else _TAG_TUPLE]
+            for i, item in enumerate(obj):
+                try:
+                    out.append(self.node(item, depth + 1))
+                except _PathError as exc:
+                    exc.segments.append(i)
+                    raise
+            return out
+        if isinstance(obj, torch.Tensor):  # nn.Parameter and other subclasses travel as plain tensors
+            index = self.index_by_id.get(id(obj))
+            if index is None:
+                index = self.add_tensor(obj)
+                self.index_by_id[id(obj)] = index
+            return [_TAG_TENSOR, index]
+        if tp is torch.dtype:
+            return [_TAG_DTYPE, _DTYPE_VALUE_NAMES[obj]]
+        if tp is CacheRef:
+            if type(obj.session_id) is not str:
+                raise _PathError(TypeError, f"CacheRef.session_id must be str, got {type(obj.session_id).__qualname__}")
+            return [_TAG_CACHE, obj.session_id]
+        type_name = tp.__qualname__ if tp.__module__ == "builtins" else f"{tp.__module__}.{tp.__qualname__}"
+        raise _PathError(TypeError, f"cannot send object of type {type_name}")
+
+    def add_tensor(self, tensor: torch.Tensor) -> int:
+        """Serialize one tensor, append its proto, return its index."""
+        limits = self.limits
+        name = _TENSOR_DTYPE_NAMES.get(tensor.dtype)
+        if name is None:
+            raise _PathError(TypeError, f"cannot send a tensor of dtype {tensor.dtype}; supported: {', '.join(_TENSOR_DTYPES)}")
+        if tensor.layout is not torch.strided:
+            raise _PathError(TypeError, f"cannot send a tensor with layout {tensor.layout}; call .to_dense() first")
+        if tensor.device.type != "cpu":
+            if tensor.device.type == "meta":
+                raise _PathError(TypeError, "cannot send a meta tensor: it has no data")
+            tensor = tensor.detach().cpu()
+        elif tensor.requires_grad:
+            tensor = tensor.detach()  # the wire carries no autograd state
+        if len(self.protos) >= limits.max_tensors:
+            raise _PathError(ValueError, f"more than {limits.max_tensors} distinct tensors (Limits.max_tensors)")
+        if tensor.ndim > limits.max_ndim:
+            raise _PathError(ValueError, f"tensor has {tensor.ndim} dimensions, limit is {limits.max_ndim} (Limits.max_ndim)")
+        numel = tensor.numel()
+        nbytes = numel * _ITEMSIZE[name]
+        if nbytes > limits.max_tensor_bytes:
+            raise _PathError(
+                ValueError,
+                f"tensor of shape {tuple(tensor.shape)} and dtype {name} is {nbytes} bytes, "
+                f"limit is {limits.max_tensor_bytes} (Limits.max_tensor_bytes); split it",
+            )
+        self.total_bytes += nbytes
+        if self.total_bytes > limits.max_total_bytes:
+            raise _PathError(
+                ValueError, f"tensors add up to {self.total_bytes} bytes, limit is {limits.max_total_bytes} (Limits.max_total_bytes)"
+            )
+
+        proto, spec = _serialize(tensor, name, self.compression)
+        self.protos.append(proto)
+        self.specs.append(spec)
+        return len(self.protos) - 1
+
+
+def _serialize(tensor: torch.Tensor, name: str, compression: int | None) -> tuple[runtime_pb2.Tensor, list | None]:
+    """One CPU tensor without grad -> (proto, bit-packing spec or None)."""
+    if tensor.dtype is torch.bool:
+        return _packed_proto(tensor), [list(tensor.shape), "bool", _FILL_BOOL]
+    mask_format = _MASK_FORMATS.get(tensor.dtype)
+    if mask_format is not None and tensor.numel():
+        found = _find_mask_bits(tensor, mask_format)
+        if found is not None:
+            bits, fill = found
+            return _packed_proto(bits), [list(tensor.shape), name, fill]
+        if compression is not None and tensor.dtype in _COMPRESSIBLE_DTYPES and (tensor.ndim or compression == _FLOAT16):
+            return serialize_torch_tensor(tensor.contiguous(), compression), None
+    return _raw_proto(tensor, name), None
+
+
+def _raw_proto(tensor: torch.Tensor, name: str) -> runtime_pb2.Tensor:
+    """hivemind's CompressionType.NONE format, built directly.
+
+    Same bytes as ``serialize_torch_tensor(tensor)`` with ``USE_LEGACY_BFLOAT16=0`` (hivemind's
+    ``deserialize_torch_tensor`` reads it), but bf16 keeps 2 bytes per element instead of the legacy
+    default's float32 upcast, and it skips the per-call descriptor objects (~6 us per tensor).
+    ``.numpy().tobytes()`` copies once, in C order, so a non-contiguous tensor needs no ``.contiguous()``.
+    """
+    array = (tensor.view(torch.int16) if tensor.dtype is torch.bfloat16 else tensor).numpy()
+    return runtime_pb2.Tensor(compression=_NONE, buffer=array.tobytes(), size=tensor.shape, dtype=name)
+
+
+def _packed_proto(bits: torch.Tensor) -> runtime_pb2.Tensor:
+    """A bool tensor as a 1-D uint8 proto of ``ceil(numel / 8)`` bytes (numpy packbits, C order, big-endian bits)."""
+    packed = np.packbits(bits.numpy())  # flattens in C order whatever the strides
+    return runtime_pb2.Tensor(compression=_NONE, buffer=packed.tobytes(), size=packed.shape, dtype="uint8")
+
+
+def _find_mask_bits(tensor: torch.Tensor, fmt: _MaskFormat) -> tuple[torch.Tensor, int] | None:
+    """If every element is +0 or one fill value, return (bits where fill, fill code); else None.
+
+    Works on the integer view, so the rebuilt tensor is bitwise identical (-0.0 and NaN do not pass).
+    The first element rejects ordinary activations in O(1); a real mask then costs one compare pass
+    (whose result is the bits to pack) plus two counts.
+    """
+    as_int = tensor.view(fmt.int_dtype)
+    first = as_int[(0,) * tensor.ndim].item()
+    # additive masks built by transformers use finfo(dtype).min and are 4-D; anything else may use -inf
+    candidates = (_FILL_FINFO_MIN, _FILL_NEG_INF) if tensor.ndim == 4 else (_FILL_NEG_INF,)
+    nonzero = None
+    for fill in candidates:
+        pattern = fmt.fills[fill]
+        if first != 0 and first != pattern:
+            continue
+        if nonzero is None:
+            nonzero = int(torch.count_nonzero(as_int))
+        bits = as_int == pattern
+        # fill elements are nonzero, so equal counts mean every nonzero element is the fill
+        if int(torch.count_nonzero(bits)) == nonzero:
+            return bits, fill
+    return None
+
+
+def encode(
+    obj: Any,
+    *,
+    activation_compression: int | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> tuple[list[runtime_pb2.Tensor], bytes]:
+    """Encode a nested structure into (tensor protos, msgpack metadata).
+
+    ``activation_compression``: a ``runtime_pb2.CompressionType`` (FLOAT16 or MEANSTD_16BIT) applied to
+    float32/float64 tensors that are not masks; bf16/fp16 are already 16-bit and go raw. None or NONE
+    sends every tensor exactly. ``limits``: refuse here what a receiver with these limits would refuse.
+
+    Raises TypeError (with the path) for objects the wire cannot carry, ValueError for sizes over the limits.
+    """
+    if activation_compression is not None and activation_compression not in _ACCEPTED_COMPRESSIONS:
+        raise ValueError(
+            f"activation_compression={_compression_name(activation_compression)} is not supported: use FLOAT16 "
+            "or MEANSTD_16BIT (hivemind 1.1.12's 8-bit decoders fail under numpy 2; BLOCKWISE_8BIT needs bitsandbytes)"
+        )
+    if activation_compression == _NONE:
+        activation_compression = None
+    encoder = _Encoder(activation_compression, limits)
+    try:
+        tree = encoder.node(obj, 0)
+    except _PathError as exc:
+        raise exc.kind(f"{exc.path()}: {exc.message}") from None
+    metadata = msgpack.packb([FORMAT_VERSION, encoder.specs, tree], use_bin_type=True)
+    if len(metadata) > limits.max_metadata_bytes:
+        raise ValueError(
+            f"metadata is {len(metadata)} bytes, limit is {limits.max_metadata_bytes} (Limits.max_metadata_bytes); "
+            "send big values as tensors"
+        )
+    return encoder.protos, metadata
+
+
+def encode_message(
+    obj: Any,
+    *,
+    uid: str = "",
+    activation_compression: int | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> bytes:
+    """`encode` packed into one serialized ``runtime_pb2.ExpertRequest`` (``uid`` is carried, not interpreted)."""
+    tensors, metadata = encode(obj, activation_compression=activation_compression, limits=limits)
+    return runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=metadata).SerializeToString()
+
+
+# ----------------------------------------------------------------------------------------------- decode
+
+
+def _compression_name(value: Any) -> str:
+    try:
+        return runtime_pb2.CompressionType.Name(value)
+    except (ValueError, TypeError):
+        return repr(value)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A validated tensor proto: what to build from it. Nothing is allocated until every proto passed."""
+
+    kind: int  # _NONE, _FLOAT16, _MEANSTD_16BIT for protos; -1 for bit-packed
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    numel: int
+    fill: int = _FILL_BOOL  # bit-packed only
+
+
+_PACKED = -1
+
+
+def _fail(message: str) -> NoReturn:
+    raise WireError(message)
+
+
+def _check_shape(where: str, shape: Any, limits: Limits) -> tuple[int, ...]:
+    if type(shape) is not list or len(shape) > limits.max_ndim:
+        if type(shape) is list:
+            _fail(f"{where} declares {len(shape)} dimensions, limit is {limits.max_ndim} (Limits.max_ndim)")
+        _fail(f"{where} declares a shape of type {type(shape).__name__}, expected a list of ints")
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            _fail(f"{where} declares shape {shape!r}: dimensions must be non-negative ints")
+    return tuple(shape)
+
+
+def _plan_tensor(i: int, proto: runtime_pb2.Tensor, spec: Any, buffer_len: int, limits: Limits) -> tuple[_Plan, int]:
+    """Validate proto ``i`` (and its spec) against the bytes it carries and the limits; return (plan, decoded bytes)."""
+    compression = proto.compression
+    if compression not in _ACCEPTED_COMPRESSIONS:
+        _fail(f"tensor {i} uses compression {_compression_name(compression)}; accepted: NONE, FLOAT16, MEANSTD_16BIT")
+    if proto.requires_grad:
+        _fail(f"tensor {i} sets requires_grad; the wire carries no autograd state")
+    name = proto.dtype
+    wire_shape = tuple(proto.size)  # uint32 in the proto: never negative
+    if len(wire_shape) > limits.max_ndim:
+        _fail(f"tensor {i} declares {len(wire_shape)} dimensions, limit is {limits.max_ndim} (Limits.max_ndim)")
+
+    if spec is not None:  # bit-packed: the proto is a 1-D uint8 byte string, the spec says what it means
+        if type(spec) is not list or len(spec) != 3:
+            _fail(f"tensor {i}: bit-packing spec must be [shape, dtype, fill], got {spec!r:.200}")
+        shape = _check_shape(f"tensor {i}", spec[0], limits)
+        dtype_name, fill = spec[1], spec[2]
+        if type(fill) is not int or fill not in (_FILL_BOOL, _FILL_FINFO_MIN, _FILL_NEG_INF):
+            _fail(f"tensor {i}: bit-packing fill code {fill!r:.50} is not 0 (bool), 1 (finfo.min) or 2 (-inf)")
+        if fill == _FILL_BOOL:
+            if dtype_name != "bool":
+                _fail(f"tensor {i}: bit-packing fill code 0 is for bool tensors, dtype is {dtype_name!r:.50}")
+        elif type(dtype_name) is not str or _TENSOR_DTYPES.get(dtype_name) not in _MASK_FORMATS:
+            _fail(f"tensor {i}: bit-packed mask dtype {dtype_name!r:.50} is not one of float16, bfloat16, float32, float64")
+        numel = math.prod(shape)
+        nbytes = _check_size(i, shape, dtype_name, numel, limits)
+        packed_len = (numel + 7) // 8
+        if compression != _NONE or name != "uint8" or wire_shape != (packed_len,) or buffer_len != packed_len:
+            _fail(
+                f"tensor {i} is bit-packed with shape {shape} = {numel} elements, so it must be a raw uint8 proto of "
+                f"shape ({packed_len},) and {packed_len} bytes; got {_compression_name(compression)} {name!r:.50} "
+                f"of shape {wire_shape} and {buffer_len} bytes"
+            )
+        return _Plan(_PACKED, _TENSOR_DTYPES[dtype_name], shape, numel, fill), nbytes
+
+    dtype = _TENSOR_DTYPES.get(name)
+    if dtype is None:
+        _fail(f"tensor {i} has dtype {name!r:.50}; accepted: {', '.join(_TENSOR_DTYPES)}")
+    numel = math.prod(wire_shape)
+    nbytes = _check_size(i, wire_shape, name, numel, limits)
+    if compression == _NONE:
+        itemsize = _ITEMSIZE[name]
+        ok = buffer_len == numel * itemsize or (name == "bfloat16" and buffer_len == numel * 4)  # legacy bf16 as fp32
+        expected = f"{numel * itemsize}"
+    else:
+        if name not in ("float32", "float64"):
+            _fail(f"tensor {i}: {_compression_name(compression)} is accepted for float32/float64 only, dtype is {name}")
+        if compression == _FLOAT16:
+            ok = buffer_len == 2 * numel
+            expected = f"{2 * numel} (2 per element)"
+        else:  # MEANSTD_16BIT: fp16 values, then a float32 mean and std per row of the last dimension
+            if not wire_shape:
+                _fail(f"tensor {i}: MEANSTD_16BIT needs at least one dimension, shape is ()")
+            rows = math.prod(wire_shape[:-1])
+            ok = buffer_len == 2 * numel + 8 * rows
+            expected = f"{2 * numel + 8 * rows} (2 per element + 8 per row)"
+    if not ok:
+        _fail(
+            f"tensor {i} declares shape {wire_shape} of {name} ({_compression_name(compression)}) = {numel} elements, "
+            f"which needs {expected} bytes, but carries {buffer_len}"
+        )
+    return _Plan(compression, dtype, wire_shape, numel), nbytes
+
+
+def _check_size(i: int, shape: tuple[int, ...], name: str, numel: int, limits: Limits) -> int:
+    itemsize = _ITEMSIZE[name]
+    nbytes = numel * itemsize
+    if nbytes > limits.max_tensor_bytes:
+        _fail(
+            f"tensor {i} declares shape {shape} of {name} = {numel} elements ({nbytes} bytes), "
+            f"limit is {limits.max_tensor_bytes // itemsize} elements ({limits.max_tensor_bytes} bytes, Limits.max_tensor_bytes)"
+        )
+    return nbytes
+
+
+def _build(i: int, plan: _Plan, proto: runtime_pb2.Tensor, buffer: bytes) -> torch.Tensor:
+    """Materialise a validated proto. Every result owns writable memory (never the proto's bytes)."""
+    shape = plan.shape
+    if plan.kind == _PACKED:
+        bits = np.unpackbits(np.frombuffer(buffer, dtype=np.uint8), count=plan.numel)  # new array, 0/1 bytes
+        mask = torch.from_numpy(bits).view(torch.bool).view(shape)
+        if plan.fill == _FILL_BOOL:
+            return mask
+        return torch.zeros(shape, dtype=plan.dtype).masked_fill_(mask, _MASK_FORMATS[plan.dtype].values[plan.fill])
+    if plan.kind == _NONE:
+        if plan.numel == 0:
+            return torch.empty(shape, dtype=plan.dtype)
+        dtype = plan.dtype
+        if dtype is torch.bool:  # bytes other than 0/1 are not valid bools: normalise
+            return torch.frombuffer(bytearray(buffer), dtype=torch.uint8).view(shape) != 0
+        if dtype is torch.bfloat16 and len(buffer) == 4 * plan.numel:  # hivemind's legacy bf16 (sent as fp32)
+            return torch.frombuffer(bytearray(buffer), dtype=torch.float32).view(shape).to(torch.bfloat16)
+        return torch.frombuffer(bytearray(buffer), dtype=dtype).view(shape)
+    try:
+        tensor = deserialize_torch_tensor(proto)
+    except Exception as exc:  # hivemind's decoders are not written for hostile input: convert at the boundary
+        raise WireError(f"tensor {i} ({_compression_name(plan.kind)}, shape {shape}) failed to decode: {exc}") from exc
+    if tensor.dtype != plan.dtype or tuple(tensor.shape) != shape:
+        _fail(f"tensor {i} decoded to {tensor.dtype} {tuple(tensor.shape)}, declared {plan.dtype} {shape}")
+    return tensor
+
+
+class _Decoder:
+    """Rebuilds the structure from the metadata tree, checking every node."""
+
+    __slots__ = ("tensors", "used", "max_depth")
+
+    def __init__(self, tensors: list[torch.Tensor], max_depth: int) -> None:
+        self.tensors = tensors
+        self.used = bytearray(len(tensors))
+        self.max_depth = max_depth
+
+    def node(self, node: Any, depth: int) -> Any:
+        tp = type(node)
+        if tp in _NATIVE_LEAVES or tp is int:
+            return node
+        if tp is list:
+            if not node or type(tag := node[0]) is not int:
+                raise _PathError(WireError, f"array node must start with an int tag, got {node[:1]!r:.50}")
+            if tag == _TAG_LIST or tag == _TAG_TUPLE:
+                if depth >= self.max_depth:
+                    raise _PathError(WireError, f"nesting deeper than {self.max_depth} containers (Limits.max_depth)")
+                items = []
+                for i in range(1, len(node)):
+                    try:
+                        items.append(self.node(node[i], depth + 1))
+                    except _PathError as exc:
+                        exc.segments.append(i - 1)
+                        raise
+                return items if tag == _TAG_LIST else tuple(items)
+            if len(node) != 2:
+                raise _PathError(WireError, f"node with tag {tag} must have 1 value, has {len(node) - 1}")
+            value = node[1]
+            if tag == _TAG_TENSOR:
+                if type(value) is not int or not 0 <= value < len(self.tensors):
+                    raise _PathError(WireError, f"tensor reference {value!r:.50} is not an index into the {len(self.tensors)} tensors")
+                self.used[value] = 1
+                return self.tensors[value]
+            if tag == _TAG_DTYPE:
+                dtype = _DTYPE_VALUES.get(value) if type(value) is str else None
+                if dtype is None:
+                    raise _PathError(WireError, f"{value!r:.50} is not a torch dtype name")
+                return dtype
+            if tag == _TAG_CACHE:
+                if type(value) is not str:
+                    raise _PathError(WireError, f"cache session id must be a str, got {type(value).__name__}")
+                return CacheRef(value)
+            raise _PathError(WireError, f"unknown node tag {tag}")
+        if tp is dict:
+            if depth >= self.max_depth:
+                raise _PathError(WireError, f"nesting deeper than {self.max_depth} containers (Limits.max_depth)")
+            out = {}
+            for key, value in node.items():
+                if type(key) is not str:
+                    raise _PathError(WireError, f"dict key {key!r:.50} of type {type(key).__name__}: keys must be str")
+                try:
+                    out[key] = self.node(value, depth + 1)
+                except _PathError as exc:
+                    exc.segments.append(key)
+                    raise
+            return out
+        raise _PathError(WireError, f"unexpected msgpack value of type {tp.__name__}")
+
+
+def decode(
+    tensors: Sequence[runtime_pb2.Tensor],
+    metadata: bytes,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Any:
+    """Rebuild the structure `encode` produced. Input is untrusted: anything wrong raises `WireError`.
+
+    Every tensor proto is checked (compression, dtype, shape vs. bytes, limits) before any tensor is
+    allocated; a tensor referenced several times decodes to one shared object.
+    """
+    n = len(tensors)
+    if n > limits.max_tensors:
+        _fail(f"message has {n} tensors, limit is {limits.max_tensors} (Limits.max_tensors)")
+    size = len(metadata)
+    if size > limits.max_metadata_bytes:
+        _fail(f"metadata is {size} bytes, limit is {limits.max_metadata_bytes} (Limits.max_metadata_bytes)")
+    try:
+        top = msgpack.unpackb(
+            metadata,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=size,
+            max_bin_len=size,
+            max_array_len=size,  # every element takes at least one byte
+            max_map_len=size // 2,
+            max_ext_len=0,  # the format uses no extension types
+        )
+    except Exception as exc:  # msgpack raises ValueError subclasses, TypeError, UnicodeDecodeError, ...
+        raise WireError(f"metadata ({size} bytes) is not valid msgpack: {exc}") from exc
+    if type(top) is not list or len(top) != 3:
+        _fail(f"metadata must be [version, specs, tree], got {type(top).__name__} of length {_len(top)}")
+    version, specs, tree = top
+    if version != FORMAT_VERSION or type(version) is not int:
+        _fail(f"metadata format version {version!r:.50}, this peer reads version {FORMAT_VERSION}")
+    if type(specs) is not list or len(specs) != n:
+        _fail(f"metadata lists {_len(specs)} tensor specs for {n} tensors")
+
+    plans, buffers, total = [], [], 0
+    for i in range(n):
+        proto = tensors[i]
+        buffer = proto.buffer  # read once: each access copies out of the proto
+        plan, nbytes = _plan_tensor(i, proto, specs[i], len(buffer), limits)
+        total += nbytes
+        if total > limits.max_total_bytes:
+            _fail(f"tensors 0..{i} add up to {total} bytes, limit is {limits.max_total_bytes} (Limits.max_total_bytes)")
+        plans.append(plan)
+        buffers.append(buffer)
+    built = [_build(i, plans[i], tensors[i], buffers[i]) for i in range(n)]
+
+    decoder = _Decoder(built, limits.max_depth)
+    try:
+        result = decoder.node(tree, 0)
+    except _PathError as exc:
+        raise WireError(f"metadata at {exc.path()}: {exc.message}") from None
+    if n and not all(decoder.used):
+        _fail(f"tensor {decoder.used.index(0)} is never referenced in the metadata")
+    return result
+
+
+def _len(value: Any) -> str:
+    return str(len(value)) if isinstance(value, (list, dict, str, bytes)) else "n/a"
+
+
+def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """`decode` of one serialized ``runtime_pb2.ExpertRequest`` (as `encode_message` makes)."""
+    # protobuf framing adds a few bytes per tensor; the payload itself is bounded by the decoded limits
+    max_size = limits.max_total_bytes + limits.max_metadata_bytes + 64 * (limits.max_tensors + 1)
+    if len(data) > max_size:
+        _fail(f"message is {len(data)} bytes, limit is {max_size} (Limits.max_total_bytes + max_metadata_bytes + framing)")
+    try:
+        request = runtime_pb2.ExpertRequest.FromString(data)
+    except Exception as exc:  # google.protobuf.message.DecodeError and friends
+        raise WireError(f"message ({len(data)} bytes) is not a valid ExpertRequest protobuf: {exc}") from exc
+    return decode(request.tensors, request.metadata, limits=limits)
