@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
 import msgpack
@@ -77,7 +77,9 @@ _TENSOR_DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _TENSOR_DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _TENSOR_DTYPES.items()}
-_ITEMSIZE: dict[str, int] = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in _TENSOR_DTYPES.items()}
+_ITEMSIZE: dict[str, int] = {
+    name: torch.empty((), dtype=dtype).element_size() for name, dtype in _TENSOR_DTYPES.items()
+}
 
 # Any torch.dtype may travel as a *value* (e.g. a ``dtype=`` kwarg), by its name.
 _DTYPE_VALUES: dict[str, torch.dtype] = {
@@ -152,8 +154,8 @@ class Limits:
     max_ndim: int = 8  # dimensions of any one tensor (count)
 
     def __post_init__(self) -> None:
-        for name in ("max_tensors", "max_tensor_bytes", "max_total_bytes", "max_metadata_bytes", "max_depth", "max_ndim"):
-            value = getattr(self, name)
+        for field in fields(self):
+            name, value = field.name, getattr(self, field.name)
             if type(value) is not int or value < 0:
                 raise ValueError(f"Limits.{name} must be a non-negative int, got {value!r}")
 
@@ -218,7 +220,9 @@ class _Encoder:
                 out_map = {}
                 for key, value in obj.items():
                     if type(key) is not str:
-                        raise _PathError(TypeError, f"cannot send dict key {key!r} of type {type(key).__qualname__}: keys must be str")
+                        raise _PathError(
+                            TypeError, f"cannot send dict key {key!r} of type {type(key).__qualname__}: keys must be str"
+                        )
                     try:
                         out_map[key] = self.node(value, depth + 1)
                     except _PathError as exc:
@@ -253,7 +257,8 @@ class _Encoder:
         limits = self.limits
         name = _TENSOR_DTYPE_NAMES.get(tensor.dtype)
         if name is None:
-            raise _PathError(TypeError, f"cannot send a tensor of dtype {tensor.dtype}; supported: {', '.join(_TENSOR_DTYPES)}")
+            supported = ", ".join(_TENSOR_DTYPES)
+            raise _PathError(TypeError, f"cannot send a tensor of dtype {tensor.dtype}; supported: {supported}")
         if tensor.layout is not torch.strided:
             raise _PathError(TypeError, f"cannot send a tensor with layout {tensor.layout}; call .to_dense() first")
         if tensor.device.type != "cpu":
@@ -265,7 +270,9 @@ class _Encoder:
         if len(self.protos) >= limits.max_tensors:
             raise _PathError(ValueError, f"more than {limits.max_tensors} distinct tensors (Limits.max_tensors)")
         if tensor.ndim > limits.max_ndim:
-            raise _PathError(ValueError, f"tensor has {tensor.ndim} dimensions, limit is {limits.max_ndim} (Limits.max_ndim)")
+            raise _PathError(
+                ValueError, f"tensor has {tensor.ndim} dimensions, limit is {limits.max_ndim} (Limits.max_ndim)"
+            )
         numel = tensor.numel()
         nbytes = numel * _ITEMSIZE[name]
         if nbytes > limits.max_tensor_bytes:
@@ -277,7 +284,8 @@ class _Encoder:
         self.total_bytes += nbytes
         if self.total_bytes > limits.max_total_bytes:
             raise _PathError(
-                ValueError, f"tensors add up to {self.total_bytes} bytes, limit is {limits.max_total_bytes} (Limits.max_total_bytes)"
+                ValueError,
+                f"tensors add up to {self.total_bytes} bytes, limit is {limits.max_total_bytes} (Limits.max_total_bytes)",
             )
 
         proto, spec = _serialize(tensor, name, self.compression)
@@ -296,7 +304,9 @@ def _serialize(tensor: torch.Tensor, name: str, compression: int | None) -> tupl
         if found is not None:
             bits, fill = found
             return _packed_proto(bits), [list(tensor.shape), name, fill]
-        if compression is not None and tensor.dtype in _COMPRESSIBLE_DTYPES and (tensor.ndim or compression == _FLOAT16):
+        # MEANSTD_16BIT keeps a mean/std per row of the last dimension, so it needs one
+        compressible = tensor.dtype in _COMPRESSIBLE_DTYPES and (tensor.ndim or compression == _FLOAT16)
+        if compression is not None and compressible:
             return serialize_torch_tensor(tensor.contiguous(), compression), None
     return _raw_proto(tensor, name), None
 
@@ -453,7 +463,9 @@ def _plan_tensor(i: int, proto: runtime_pb2.Tensor, spec: Any, buffer_len: int, 
             if dtype_name != "bool":
                 _fail(f"tensor {i}: bit-packing fill code 0 is for bool tensors, dtype is {dtype_name!r:.50}")
         elif type(dtype_name) is not str or _TENSOR_DTYPES.get(dtype_name) not in _MASK_FORMATS:
-            _fail(f"tensor {i}: bit-packed mask dtype {dtype_name!r:.50} is not one of float16, bfloat16, float32, float64")
+            _fail(
+                f"tensor {i}: bit-packed mask dtype {dtype_name!r:.50} is not one of float16, bfloat16, float32, float64"
+            )
         numel = math.prod(shape)
         nbytes = _check_size(i, shape, dtype_name, numel, limits)
         packed_len = (numel + 7) // 8
@@ -500,7 +512,8 @@ def _check_size(i: int, shape: tuple[int, ...], name: str, numel: int, limits: L
     if nbytes > limits.max_tensor_bytes:
         _fail(
             f"tensor {i} declares shape {shape} of {name} = {numel} elements ({nbytes} bytes), "
-            f"limit is {limits.max_tensor_bytes // itemsize} elements ({limits.max_tensor_bytes} bytes, Limits.max_tensor_bytes)"
+            f"limit is {limits.max_tensor_bytes // itemsize} elements "
+            f"({limits.max_tensor_bytes} bytes, Limits.max_tensor_bytes)"
         )
     return nbytes
 
@@ -565,7 +578,9 @@ class _Decoder:
             value = node[1]
             if tag == _TAG_TENSOR:
                 if type(value) is not int or not 0 <= value < len(self.tensors):
-                    raise _PathError(WireError, f"tensor reference {value!r:.50} is not an index into the {len(self.tensors)} tensors")
+                    raise _PathError(
+                        WireError, f"tensor reference {value!r:.50} is not an index into the {len(self.tensors)} tensors"
+                    )
                 self.used[value] = 1
                 return self.tensors[value]
             if tag == _TAG_DTYPE:
@@ -664,7 +679,9 @@ def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Any:
     # protobuf framing adds a few bytes per tensor; the payload itself is bounded by the decoded limits
     max_size = limits.max_total_bytes + limits.max_metadata_bytes + 64 * (limits.max_tensors + 1)
     if len(data) > max_size:
-        _fail(f"message is {len(data)} bytes, limit is {max_size} (Limits.max_total_bytes + max_metadata_bytes + framing)")
+        _fail(
+            f"message is {len(data)} bytes, limit is {max_size} (Limits.max_total_bytes + max_metadata_bytes + framing)"
+        )
     try:
         request = runtime_pb2.ExpertRequest.FromString(data)
     except Exception as exc:  # google.protobuf.message.DecodeError and friends

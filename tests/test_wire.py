@@ -21,7 +21,11 @@ from swarm.wire import FORMAT_VERSION, CacheRef, Limits, WireError, decode, deco
 CT = runtime_pb2.CompressionType
 SMALL_LIMITS = Limits(max_tensors=64, max_tensor_bytes=1 << 20, max_total_bytes=4 << 20, max_metadata_bytes=1 << 16)
 # WIRE_FUZZ_EXAMPLES=5000 for a longer hunt; the default keeps the file fast
-FUZZ = settings(max_examples=int(os.environ.get("WIRE_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("WIRE_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def assert_same(a, b, path="obj"):
@@ -102,7 +106,8 @@ def test_equal_but_distinct_tensors_stay_distinct():
 
 
 @pytest.mark.parametrize(
-    "dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8]
+    "dtype",
+    [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8],
 )
 def test_every_bit_pattern_round_trips(dtype):
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -215,7 +220,7 @@ def test_interoperates_with_hivemind_codec():
         assert deserialize_torch_tensor(proto).dtype == expected_dtype
     # protos made by hivemind itself (its default sends bf16 as float32) decode too
     originals = [torch.randn(2, 3), torch.randn(4, dtype=torch.bfloat16), torch.randn(2, 8)]
-    protos = [serialize_torch_tensor(originals[0]), serialize_torch_tensor(originals[1]), serialize_torch_tensor(originals[2], CT.FLOAT16)]
+    protos = [serialize_torch_tensor(t) for t in originals[:2]] + [serialize_torch_tensor(originals[2], CT.FLOAT16)]
     metadata = msgpack.packb([FORMAT_VERSION, [None] * 3, [0, [2, 0], [2, 1], [2, 2]]])
     out = decode(protos, metadata)
     assert_same(originals[:2], out[:2])
@@ -373,7 +378,8 @@ def tensors(draw):
     tensor = torch.randint(info.min, info.max, shape, dtype=int_dtype, generator=generator).view(dtype)
     if kind != "bits" and dtype.is_floating_point:
         fill = torch.finfo(dtype).min if kind == "mask_min" else -math.inf
-        tensor = torch.where(tensor.view(int_dtype) % 2 == 0, torch.tensor(0.0, dtype=dtype), torch.tensor(fill, dtype=dtype))
+        zero, fill = torch.tensor(0.0, dtype=dtype), torch.tensor(fill, dtype=dtype)
+        tensor = torch.where(tensor.view(int_dtype) % 2 == 0, zero, fill)
     if kind == "zeros":
         tensor = torch.zeros(shape, dtype=dtype)
     return tensor
@@ -501,7 +507,9 @@ def test_fuzz_random_metadata(specs, tree, version):
 @given(
     buffer=st.binary(max_size=64),
     size=st.lists(st.integers(0, 9), max_size=4) | st.lists(st.integers(0, 2**32 - 1), max_size=10),
-    dtype=st.sampled_from(["float32", "bfloat16", "float16", "float64", "int64", "bool", "uint8", "object", "U8", "", "float8_e5m2"]),
+    dtype=st.sampled_from(
+        ["float32", "bfloat16", "float16", "float64", "int64", "bool", "uint8", "object", "U8", "", "float8_e5m2"]
+    ),
     compression=st.sampled_from([CT.NONE, CT.NONE, CT.FLOAT16, CT.MEANSTD_16BIT, *CT.values(), 17]),
     requires_grad=st.sampled_from([False] * 5 + [True]),
     spec=st.none() | spec_values,
@@ -529,7 +537,11 @@ def payload_protos() -> list[runtime_pb2.Tensor]:
 
 PAYLOAD_PROTOS = payload_protos()
 PAYLOAD_METADATA = msgpack.packb(
-    [FORMAT_VERSION, [None, None, [[1, 1, 5, 5], "bfloat16", 1], [[11], "bool", 0], None, None], [0, *([2, i] for i in range(6))]]
+    [
+        FORMAT_VERSION,
+        [None, None, [[1, 1, 5, 5], "bfloat16", 1], [[11], "bool", 0], None, None],
+        [0, *([2, i] for i in range(6))],
+    ]
 )
 
 
@@ -540,7 +552,8 @@ def test_fuzz_payload_bytes_of_well_formed_protos_always_decode(noise):
     protos = []
     for proto, fill in zip(PAYLOAD_PROTOS, noise):
         size = len(proto.buffer)
-        protos.append(runtime_pb2.Tensor(buffer=(fill * (size // 64 + 1))[:size], size=proto.size, dtype=proto.dtype, compression=proto.compression))
+        buffer = (fill * (size // 64 + 1))[:size]
+        protos.append(runtime_pb2.Tensor(buffer=buffer, size=proto.size, dtype=proto.dtype, compression=proto.compression))
     out = decode(protos, PAYLOAD_METADATA)
     assert [tuple(t.shape) for t in out] == [(3, 5), (2, 2), (1, 1, 5, 5), (11,), (6,), (9,)]
     assert set(out[5].view(torch.uint8).tolist()) <= {0, 1}  # raw bool bytes are normalised
