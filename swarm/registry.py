@@ -331,7 +331,7 @@ def make_dht(
     finally:
         if temporary_dir is not None:
             shutil.rmtree(temporary_dir, ignore_errors=True)
-    _owner_markers[dht] = RSASignatureValidator(private_key).local_public_key.decode("ascii")
+    _owner_marker(dht)  # also makes large requests to the DHT process safe (see _prepare_dht_process)
     return dht
 
 
@@ -342,7 +342,7 @@ def _owner_marker(dht: DHT) -> str:
     """``[owner:<key>]`` of the key this DHT node signs with (asks the DHT process once)."""
     marker = _owner_markers.get(dht)
     if marker is None:
-        found = dht.run_coroutine(_owner_marker_in_dht_process)
+        found = dht.run_coroutine(_prepare_dht_process)
         if found is None:
             raise RegistryError(
                 "this DHT node cannot sign records (it has no RSASignatureValidator); create it with "
@@ -352,7 +352,13 @@ def _owner_marker(dht: DHT) -> str:
     return marker
 
 
-async def _owner_marker_in_dht_process(_dht: DHT, node: Any) -> Optional[bytes]:
+async def _prepare_dht_process(dht: DHT, node: Any) -> Optional[bytes]:
+    """Runs in the DHT process: returns the owner marker of its signing key, and makes its command pipe
+    blocking. hivemind 1.1.12 watches that pipe with uvloop's add_reader, which makes it non-blocking;
+    a request over 16 KiB (a plan, a big record) is written in two parts, and if the DHT process reads
+    between them, recv() raises BlockingIOError and the DHT process dies ("Ran out of input"). A
+    blocking pipe makes recv() wait for the rest of a message the parent is already writing."""
+    os.set_blocking(dht._inner_pipe.fileno(), True)
     validator = node.protocol.record_validator
     for item in getattr(validator, "_validators", [validator]):
         if isinstance(item, RSASignatureValidator):

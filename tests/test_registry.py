@@ -5,6 +5,7 @@ import os
 import time
 import uuid
 
+import base58
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
@@ -253,6 +254,21 @@ def test_only_the_lease_holders_plan_is_accepted(nodes, mkey):
     assert set(state.plans) == {a.peer_id, b.peer_id} and state.max_epoch == 5
     # with a trust list that leaves a out, nobody holds the lease and no plan is accepted
     assert get_plan(c.dht, mkey, trusted={b.peer_id}) is None
+
+
+def test_plans_for_a_thousand_peers_round_trip(nodes, mkey):
+    # ~60 KB: over hivemind's 16 KiB two-part pipe write, and over the 8 KiB limit of other records
+    a, b, c = nodes
+    assert try_acquire_lease(a.dht, mkey, a.peer_id, ttl_s=60.0)
+    peer_ids = [base58.b58encode(bytes([18, 32]) + os.urandom(32)).decode() for _ in range(1000)]
+    plan = make_plan(a, 3, {peer_id: (i % 80, i % 80 + 1) for i, peer_id in enumerate(peer_ids)}, num_blocks=80)
+    for _ in range(3):
+        assert publish_plan(a.dht, mkey, plan)
+    assert get_plan(c.dht, mkey) == plan
+    # the larger limit holds only under the plan's own model's control key
+    other = model_key("other/model", {"n": 2})
+    assert not a.dht.store(peers_key(mkey), plan.to_dht(), get_dht_time() + 60, subkey=f"plan:{mkey}{a.marker}")
+    assert not a.dht.store(control_key(other), plan.to_dht(), get_dht_time() + 60, subkey=f"plan:{mkey}{a.marker}")
 
 
 def test_list_models(nodes, mkey):
