@@ -1,25 +1,33 @@
 """Entry point of the `swarm` console command.
 
-Each subcommand lives in its own module under `cli/` and registers itself in `SUBCOMMANDS`
-below; this module only builds the parser and dispatches, so `swarm --help` stays cheap
-(no torch import until a subcommand runs).
+Each subcommand lives in its own module under `cli/` with a `register(subparsers)` function;
+this module only builds the parser and dispatches, so `swarm --help` stays cheap (no torch
+import until a subcommand runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from swarm import __version__
 
+SUBCOMMANDS = ["cli.dht", "cli.run_peer", "cli.status", "cli.generate"]
+
 
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="swarm",
         description="Peer-to-peer inference swarm for transformer models.",
     )
     parser.add_argument("--version", action="version", version=f"swarm {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more logs (debug level)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -29,7 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

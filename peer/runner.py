@@ -32,7 +32,8 @@ class RunnerLimits:
     max_sessions: int = 256  # open sessions, all clients together
     max_sessions_per_client: int = 32  # open sessions of one client
     session_ttl_s: float = 300.0  # a session unused this long is dropped (its client vanished)
-    max_session_length: int = 8192  # tokens one session may hold
+    max_session_length: int = 8192  # tokens one session may hold (per sequence of its batch)
+    max_cache_tokens: int = 262144  # KV budget: sequences x tokens held by all sessions together
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Session:
     owner: str  # who opened it (peer id of the client); only they may use it
     cache: object  # a transformers Cache of the model's own class
     last_used: float = field(default_factory=time.monotonic)
+    tokens: int = 0  # batch x length this session's cache holds, counted against the KV budget
 
 
 class BlockRunner:
@@ -116,6 +118,15 @@ class BlockRunner:
         with self._lock:
             return len(self._sessions)
 
+    @property
+    def free_cache_tokens(self) -> int:
+        with self._lock:
+            return max(0, self.limits.max_cache_tokens - sum(s.tokens for s in self._sessions.values()))
+
+    def expire_sessions(self) -> None:
+        with self._lock:
+            self._expire(time.monotonic())
+
     # ---- compute -------------------------------------------------------------------------------------
 
     def validate(self, req: StepRequest) -> None:
@@ -153,6 +164,15 @@ class BlockRunner:
                 raise SessionError(
                     f"session would hold {length} tokens, more than this peer's limit of {self.limits.max_session_length}"
                 )
+            tokens = length * req.hidden.shape[0]
+            with self._lock:
+                others = sum(s.tokens for s in self._sessions.values() if s is not session)
+            if others + tokens > self.limits.max_cache_tokens:
+                raise SessionError(
+                    f"KV cache budget exhausted: this step needs {tokens} token slots, {self.limits.max_cache_tokens - others} "
+                    f"of {self.limits.max_cache_tokens} are free; retry later or use another peer"
+                )
+            session.tokens = tokens
         device, dtype = self.loaded.device, self.loaded.dtype
         hidden = req.hidden.to(device=device, dtype=dtype)
         calls = [

@@ -28,6 +28,7 @@ def load_client_model(
     auto_class=None,
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
+    mixin: type | None = None,
 ) -> nn.Module:
     """A transformers model whose blocks run wherever `make_router(layout, config)` sends them.
 
@@ -56,6 +57,7 @@ def load_client_model(
         config=config,
         dtype=dtype,
         attn_implementation=attn_implementation,
+        mixin=mixin,
     )
     capture.config = model.config
     model.swarm_layout = layout

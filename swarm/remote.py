@@ -129,7 +129,8 @@ class BlockCapture:
         self._output_arity: int | None = None  # None: blocks return a tensor; n: a tuple of n
         self._format_known = False
         self._local = threading.local()
-        self.default_max_length: int | None = None  # set by inference sessions
+        self.default_max_length: int | None = None  # max_length for sessions bound by the stubs themselves
+        self.active_cache = None  # the cache of an open `inference_session`, reused by `generate`
 
     @property
     def attn_implementation(self) -> str | None:

@@ -108,11 +108,12 @@ def block_bytes(block: nn.Module, dtype: torch.dtype | None = None) -> int:
     return total
 
 
-def partial_model_class(base: type, transform: Callable[[nn.Module], None]) -> type:
+def partial_model_class(base: type, transform: Callable[[nn.Module], None], mixin: type | None = None) -> type:
     """A subclass of `base` that runs `transform(model)` right after `base.__init__`.
 
     Same `__name__`, `__qualname__` and `__module__` as `base`, so transformers treats it as the
-    original class (checkpoint key conversions, auto-class lookups).
+    original class (checkpoint key conversions, auto-class lookups). `mixin`, if given, comes first
+    in the method resolution order (extra methods for distributed models).
     """
 
     def __init__(self, config, *args, **kwargs):
@@ -126,7 +127,7 @@ def partial_model_class(base: type, transform: Callable[[nn.Module], None]) -> t
 
     return type(
         base.__name__,
-        (base,),
+        (mixin, base) if mixin is not None else (base,),
         {"__init__": __init__, "__module__": base.__module__, "__qualname__": base.__qualname__},
     )
 
@@ -206,10 +207,11 @@ def load_partial(
     config=None,
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
+    mixin: type | None = None,
     **kwargs,
 ) -> nn.Module:
     """`from_pretrained` on a subclass of `model_class` whose modules are transformed after construction."""
-    cls = partial_model_class(model_class, transform)
+    cls = partial_model_class(model_class, transform, mixin)
     extra = dict(kwargs)
     if config is not None:
         extra["config"] = config
@@ -221,3 +223,22 @@ def load_partial(
         model = cls.from_pretrained(str(model_name_or_path), **extra)
     model.eval()
     return model
+
+
+def read_config_json(model_name_or_path: str | Path) -> dict:
+    """The model's `config.json` as parsed JSON (what `swarm.records.model_key` hashes).
+
+    A local directory is read directly; a hub id goes through transformers' own file cache.
+    """
+    import json
+
+    path = Path(model_name_or_path) / "config.json"
+    if not path.is_file():
+        from transformers.utils import cached_file
+
+        resolved = cached_file(str(model_name_or_path), "config.json")
+        if resolved is None:
+            raise SplittingError(f"{model_name_or_path!r} has no config.json (not a model directory or hub id?)")
+        path = Path(resolved)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

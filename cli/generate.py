@@ -1,0 +1,77 @@
+"""`swarm generate MODEL --prompt TEXT`: generate through the swarm, streaming tokens as they come."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cli.common import add_initial_peers
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text through the swarm (tokens stream as produced)")
+    p.add_argument("model", help="model directory or hub id (the client loads embeddings and head only)")
+    add_initial_peers(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text prompt (needs the model's tokenizer)")
+    src.add_argument("--input-ids", help="comma-separated token ids, for models without a tokenizer")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.set_defaults(func=run)
+
+
+class IdStreamer:
+    """Prints token ids as `generate` produces them (the prompt first, on its own line)."""
+
+    def __init__(self, out=sys.stdout):
+        self.out, self.first = out, True
+
+    def put(self, value) -> None:
+        ids = value.reshape(-1).tolist()
+        if self.first:
+            self.first = False
+            print("prompt:", ",".join(map(str, ids)), file=self.out, flush=True)
+            print("tokens:", end="", file=self.out, flush=True)
+            return
+        print(" " + " ".join(map(str, ids)), end="", file=self.out, flush=True)
+
+    def end(self) -> None:
+        print(file=self.out, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from swarm.client import AutoDistributedModelForCausalLM
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
+    if args.do_sample:
+        kwargs["temperature"] = args.temperature
+    if args.input_ids is not None:
+        try:
+            ids = torch.tensor([[int(x) for x in args.input_ids.split(",")]])
+        except ValueError:
+            print(f"error: --input-ids takes comma-separated integers, got {args.input_ids!r}", file=sys.stderr)
+            return 2
+        streamer = IdStreamer()
+    else:
+        from transformers import AutoTokenizer, TextStreamer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError) as exc:
+            print(f"error: {args.model} has no usable tokenizer ({exc}); pass --input-ids instead", file=sys.stderr)
+            return 2
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        streamer = TextStreamer(tokenizer)
+        if tokenizer.pad_token_id is not None:
+            kwargs["pad_token_id"] = tokenizer.pad_token_id
+    with model.inference_session(max_length=ids.shape[1] + args.max_new_tokens):
+        model.generate(ids, streamer=streamer, **kwargs)
+    model.swarm_connection.close()
+    return 0

@@ -1,0 +1,53 @@
+"""`swarm run-peer MODEL`: serve a range of the model's blocks."""
+
+from __future__ import annotations
+
+import argparse
+
+from cli.common import add_initial_peers, parse_blocks
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run-peer", help="lend this device: serve a range of a model's blocks")
+    p.add_argument("model", help="model directory or hub id")
+    add_initial_peers(p)
+    p.add_argument("--blocks", type=parse_blocks, default=None, metavar="START:END", help="blocks to serve, [START, END)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights dtype (default: float16 on cuda, float32 on cpu)")
+    p.add_argument("--max-memory", default=None, help="cap on memory this peer uses, e.g. 12GiB")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all interfaces)")
+    p.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
+    p.add_argument("--announce-maddrs", nargs="*", default=[], help="addresses other machines should dial")
+    p.add_argument("--public-name", default="", help="a name shown on the dashboard")
+    p.add_argument("--identity-path", default=None, help="key file for a peer id that survives restarts")
+    p.add_argument("--announce-period", type=float, default=30.0, help="seconds between DHT refreshes")
+    p.add_argument("--attn-implementation", default=None, help="transformers attention implementation")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from peer.resources import parse_size
+    from peer.server import PeerConfig, PeerServer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    config = PeerConfig(
+        model=args.model,
+        initial_peers=args.initial_peers,
+        blocks=args.blocks,
+        device=device,
+        dtype=dtype,
+        max_memory=parse_size(args.max_memory) if args.max_memory else None,
+        host=args.host,
+        port=args.port,
+        announce_maddrs=args.announce_maddrs,
+        public_name=args.public_name,
+        identity_path=args.identity_path,
+        announce_period_s=args.announce_period,
+        attn_implementation=args.attn_implementation,
+    )
+    PeerServer(config).run()
+    return 0

@@ -1,0 +1,236 @@
+"""The Python client: transformers models whose blocks run on a swarm.
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(MODEL, initial_peers=[...])
+    out = model.generate(input_ids, max_new_tokens=20)          # transformers' own generate
+    with model.inference_session(max_length=128):               # one KV session across calls
+        out = model.generate(input_ids, max_new_tokens=8)
+        out = model.generate(out, max_new_tokens=8)             # continues: only new tokens travel
+
+The client joins the DHT as a client-mode node, reads the peers' records, routes through the
+cheapest chain of peers covering all blocks, and talks to them over hivemind's libp2p.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from swarm.aio import BackgroundLoop
+from swarm.records import PeerRecord, model_key
+from swarm.remote import bind_session
+from swarm.router import SwarmRouter
+from swarm.routing import Span
+from swarm.rpc import BlockService, join_message, split_message
+from swarm.splitting import read_config_json
+
+logger = logging.getLogger(__name__)
+
+
+class PeerUnreachable(RuntimeError):
+    """A peer did not answer (dead, unreachable, or too slow)."""
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Client-side settings. Times in seconds."""
+
+    connect_timeout: float = 20.0  # joining the DHT
+    step_timeout: float = 120.0  # one step on one peer (a long prefill on a slow CPU peer can take a while)
+    close_timeout: float = 5.0  # closing a session
+    directory_ttl: float = 5.0  # how long the list of peers read from the DHT is reused
+
+
+class P2PTransport:
+    """`swarm.router.Transport` over hivemind libp2p streams."""
+
+    def __init__(self, p2p, loop: BackgroundLoop, config: ClientConfig):
+        self.p2p, self.loop, self.config = p2p, loop, config
+
+    def _stub(self, peer_id: str):
+        from hivemind.p2p import PeerID
+
+        return BlockService.get_stub(self.p2p, PeerID.from_base58(peer_id))
+
+    def step(self, peer_id: str, request: bytes) -> bytes:
+        async def call() -> bytes:
+            from hivemind.utils.asyncio import iter_as_aiter
+
+            stream = await self._stub(peer_id).rpc_step(iter_as_aiter(split_message(request)))
+            return await join_message(stream)
+
+        try:
+            return self.loop.run(call(), timeout=self.config.step_timeout)
+        except TimeoutError as exc:
+            raise PeerUnreachable(f"peer {peer_id} did not answer within {self.config.step_timeout} s") from exc
+        except Exception as exc:  # noqa: BLE001 - P2P errors of every kind mean the same to the caller
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise PeerUnreachable(f"peer {peer_id} failed: {type(exc).__name__}: {exc}") from exc
+
+    def close_session(self, peer_id: str, session_id: str) -> None:
+        from hivemind.proto import runtime_pb2
+
+        async def call():
+            return await self._stub(peer_id).rpc_close(runtime_pb2.ExpertRequest(uid=session_id))
+
+        self.loop.run(call(), timeout=self.config.close_timeout)
+
+    def info(self, peer_id: str) -> dict:
+        import msgpack
+        from hivemind.proto import runtime_pb2
+
+        async def call():
+            return await self._stub(peer_id).rpc_info(runtime_pb2.ExpertRequest())
+
+        reply = self.loop.run(call(), timeout=self.config.step_timeout)
+        return msgpack.unpackb(reply.metadata, raw=False)
+
+
+class SwarmConnection:
+    """A client's link to the swarm: a client-mode DHT node, the P2P stack and the event loop."""
+
+    def __init__(self, initial_peers: Sequence[str], config: ClientConfig = ClientConfig()):
+        from swarm.registry import make_dht
+
+        if not initial_peers:
+            raise ValueError("initial_peers is empty: pass the multiaddrs that `swarm dht` printed")
+        self.config = config
+        try:
+            self.dht = make_dht(list(initial_peers), client_mode=True, wait_timeout=config.connect_timeout)
+        except Exception as exc:  # noqa: BLE001 - hivemind raises several kinds here; one clear message instead
+            raise ConnectionError(
+                f"could not join the swarm through {list(initial_peers)}: {exc}. Check that `swarm dht` is running "
+                "and that the addresses (including the /p2p/... part) are the ones it printed"
+            ) from exc
+        self.loop = BackgroundLoop()
+        self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=config.connect_timeout)
+        self.transport = P2PTransport(self.p2p, self.loop, config)
+
+    def peers(self, key: str) -> dict[str, PeerRecord]:
+        from swarm.registry import get_peers
+
+        return get_peers(self.dht, key)
+
+    def close(self) -> None:
+        try:
+            self.loop.run(self.p2p.shutdown(), timeout=5)
+        except Exception as exc:  # noqa: BLE001 - closing is best effort
+            logger.debug("p2p shutdown: %s", exc)
+        self.loop.close()
+        self.dht.shutdown()
+
+
+class DHTDirectory:
+    """The spans online peers offer for one model, read from the DHT and reused for `ttl` seconds."""
+
+    def __init__(self, connection: SwarmConnection, key: str, ttl: float):
+        self.connection, self.key, self.ttl = connection, key, ttl
+        self._spans: list[Span] = []
+        self._read_at = float("-inf")
+
+    def __call__(self) -> list[Span]:
+        if time.monotonic() - self._read_at > self.ttl:
+            self._spans = spans_from_records(self.connection.peers(self.key).values())
+            self._read_at = time.monotonic()
+        return self._spans
+
+
+def spans_from_records(records) -> list[Span]:
+    """Routable spans: online peers with a range. Throughput (tokens/s per block) turns into compute time."""
+    spans = []
+    for r in records:
+        if r.state != "online" or r.blocks is None:
+            continue
+        block_time = 1.0 / r.throughput if r.throughput > 0 else 0.0
+        penalty = 0.05 if r.free_cache_tokens == 0 else 0.0
+        spans.append(Span(r.peer_id, r.start_block, r.end_block, block_time_s=block_time, penalty_s=penalty))
+    return spans
+
+
+class DistributedModelMixin:
+    """Methods every distributed model gets on top of its transformers class."""
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int | None = None) -> Iterator[object]:
+        """Keep one KV-cache session on the peers across several `generate` calls.
+
+        Inside the block, `generate` reuses the session's cache: pass the whole sequence so far
+        (e.g. the previous call's output) and only the tokens the peers have not seen are sent.
+        The session is closed on the peers when the block ends.
+        """
+        from transformers import DynamicCache
+
+        capture = self.swarm_capture
+        if capture.active_cache is not None:
+            raise RuntimeError("an inference session is already open on this model")
+        cache = DynamicCache(config=self.config)
+        session = bind_session(cache, capture.router, max_length)
+        capture.active_cache = cache
+        try:
+            yield cache
+        finally:
+            capture.active_cache = None
+            if session.hops is not None:
+                try:
+                    capture.router.close_session(session)
+                except Exception as exc:  # noqa: BLE001 - the peers' session TTL cleans up anyway
+                    logger.debug("could not close session %s: %s", session.session_id, exc)
+
+    def generate(self, *args, **kwargs):
+        cache = self.swarm_capture.active_cache
+        if cache is not None and kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = cache
+        return super().generate(*args, **kwargs)
+
+
+def _from_pretrained(
+    auto_class,
+    model_name_or_path: str | Path,
+    initial_peers: Sequence[str],
+    *,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    client_config: ClientConfig = ClientConfig(),
+    connection: SwarmConnection | None = None,
+):
+    from swarm.model import load_client_model
+
+    connection = connection or SwarmConnection(initial_peers, client_config)
+    key = model_key(str(model_name_or_path), read_config_json(model_name_or_path))
+
+    def make_router(layout, config):
+        return SwarmRouter(layout.num_blocks, DHTDirectory(connection, key, client_config.directory_ttl), connection.transport)
+
+    model = load_client_model(
+        model_name_or_path, make_router, auto_class=auto_class, dtype=dtype,
+        attn_implementation=attn_implementation, mixin=DistributedModelMixin,
+    )
+    model.swarm_connection = connection
+    model.swarm_model_key = key
+    return model
+
+
+class AutoDistributedModelForCausalLM:
+    """`AutoModelForCausalLM` whose blocks run on the swarm."""
+
+    @staticmethod
+    def from_pretrained(model_name_or_path: str | Path, initial_peers: Sequence[str], **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        return _from_pretrained(AutoModelForCausalLM, model_name_or_path, initial_peers, **kwargs)
+
+
+class AutoDistributedModel:
+    """`AutoModel` (encoders, base models) whose blocks run on the swarm."""
+
+    @staticmethod
+    def from_pretrained(model_name_or_path: str | Path, initial_peers: Sequence[str], **kwargs):
+        from transformers import AutoModel
+
+        return _from_pretrained(AutoModel, model_name_or_path, initial_peers, **kwargs)
