@@ -60,6 +60,7 @@ __all__ = [
     "ModelEntry",
     "model_key",
     "model_key_name",
+    "public_model_name",
     "is_model_key",
     "MAX_BLOCKS",
     "MAX_ADDRS",
@@ -155,12 +156,16 @@ def model_key_name(model_name: str) -> str:
     return _key_name(model_name)
 
 
-def _key_name(model_name: str) -> str:
+def public_model_name(model_name: str) -> str:
+    """The name to publish for a model: a hub id as given, a local directory's last component only
+    (its full path says nothing useful to other machines and may say too much about this one)."""
     name = model_name.strip().rstrip("/\\")
     looks_like_path = name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
-    if looks_like_path:
-        name = re.split(r"[/\\]", name)[-1]
-    name = name.replace("/", "--")
+    return re.split(r"[/\\]", name)[-1] if looks_like_path else name
+
+
+def _key_name(model_name: str) -> str:
+    name = public_model_name(model_name).replace("/", "--")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
     return name[:MAX_MODEL_KEY_NAME_CHARS].rstrip("-.") or "model"
 

@@ -58,6 +58,7 @@ from swarm.records import (
     RecordError,
     is_model_key,
     model_key_name,
+    public_model_name,
 )
 
 __all__ = [
@@ -380,7 +381,8 @@ def _require_own_id(dht: DHT, claimed: str, what: str) -> None:
     if claimed != own:
         raise RegistryError(
             f"{what} is {claimed}, but this DHT node signs as {own}: readers would drop the record. "
-            f"Use swarm.registry.local_peer_id(dht) (and create the DHT with make_dht, whose peer id is its signing key)"
+            f"Use swarm.registry.local_peer_id(dht) (and create the DHT with make_dht, "
+            f"whose peer id is its signing key)"
         )
 
 
@@ -400,7 +402,7 @@ def announce_peer(
 
     :param expiration_s: the record disappears this long after the last refresh (at most 1 h)
     :param model_name: if given, also refreshes the model's entry in the model index (`list_models`)
-      in the same DHT round
+      in the same DHT round; a local directory is published as its last component only
     :returns: whether a DHT node accepted the record
     """
     _require_own_id(dht, record.peer_id, "record.peer_id")
@@ -411,7 +413,7 @@ def announce_peer(
     if model_name is not None:
         if model_key_name(model_name) != model_key.rsplit("@", 1)[0]:
             raise ValueError(f"model_name {model_name!r} does not give the name part of model key {model_key!r}")
-        entry = ModelEntry.build(model_name=model_name, num_blocks=record.num_blocks, updated_at=now)
+        entry = ModelEntry.build(model_name=public_model_name(model_name), num_blocks=record.num_blocks, updated_at=now)
         keys.append(MODELS_KEY)
         subkeys.append(model_key)
         values.append(entry.to_dht())
@@ -563,7 +565,8 @@ def _parse_signed(cls: type, value: object, signer: Optional[str], model_key: st
         return None
     if parsed.coordinator_id != signer:
         logger.debug(
-            f"Skipped a {cls.__name__} of {model_key} claiming coordinator {parsed.coordinator_id} but signed by {signer}"
+            f"Skipped a {cls.__name__} of {model_key} claiming coordinator {parsed.coordinator_id} "
+            f"but signed by {signer}"
         )
         return None
     return parsed
@@ -654,7 +657,9 @@ def release_lease(dht: DHT, model_key: str, coordinator_id: str) -> bool:
     if own is None:
         return False
     now = get_dht_time()
-    released = CoordinatorLease.build(coordinator_id=coordinator_id, acquired_at=min(own.acquired_at, now), expires_at=now)
+    released = CoordinatorLease.build(
+        coordinator_id=coordinator_id, acquired_at=min(own.acquired_at, now), expires_at=now
+    )
     # a DHT entry only gives way to one that expires later, so the dead claim lingers until then
     expiration_time = max(state.claim_expirations.get(coordinator_id, now) + 1e-3, now + 1.0)
     return dht.store(

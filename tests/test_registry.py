@@ -285,6 +285,10 @@ def test_list_models(nodes, mkey):
     models = wait_for(lambda: (found := list_models(c.dht)) and mkey in found and found)
     assert models[mkey].model_name == name and models[mkey].num_blocks == 8
     assert other_key not in models
+    # a local directory is published as its last component, never as a path
+    local_key = model_key("/home/alice/models/tiny-llama", {"n": 3})
+    assert announce_peer(a.dht, local_key, peer_record(a), model_name="/home/alice/models/tiny-llama")
+    assert wait_for(lambda: list_models(c.dht).get(local_key)).model_name == "tiny-llama"
 
 
 async def _inject_signed_records(_dht, node, key, entries):
