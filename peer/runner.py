@@ -70,8 +70,15 @@ class BlockRunner:
             if session is not None:
                 if session.owner != owner:
                     raise SessionError(f"session {req.session_id!r} belongs to another client")
+                if req.new_session:
+                    raise SessionError(f"session {req.session_id!r} is already open on this peer")
                 session.last_used = now
                 return session
+            if not req.new_session:
+                raise SessionError(
+                    f"unknown session {req.session_id!r}: never opened here, closed, or expired after "
+                    f"{self.limits.session_ttl_s:.0f} s without use"
+                )
             if len(self._sessions) >= self.limits.max_sessions:
                 raise SessionError(f"peer is full: {len(self._sessions)} open sessions (limit {self.limits.max_sessions})")
             mine = sum(1 for s in self._sessions.values() if s.owner == owner)

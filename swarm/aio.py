@@ -47,6 +47,14 @@ class BackgroundLoop:
             future.cancel()
             raise TimeoutError(f"no answer within {timeout} s") from None
 
+    def submit(self, coro: Awaitable) -> None:
+        """Schedule `coro` on the loop without waiting (safe from any thread, the loop's own included)."""
+        if self.loop.is_closed() or not self.loop.is_running():
+            coro.close()
+            return
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieve, so nothing is logged
+
     def close(self) -> None:
         """Cancel what still runs on the loop, then stop it."""
         if not self.loop.is_running():

@@ -12,6 +12,7 @@ cheapest chain of peers covering all blocks, and talks to them over hivemind's l
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -73,13 +74,19 @@ class P2PTransport:
                 raise
             raise PeerUnreachable(f"peer {peer_id} failed: {type(exc).__name__}: {exc}") from exc
 
-    def close_session(self, peer_id: str, session_id: str) -> None:
+    def close_session(self, peer_id: str, session_id: str, wait: bool = True) -> None:
+        """Close a session on a peer; `wait=False` (from garbage-collection finalisers) only schedules it."""
         from hivemind.proto import runtime_pb2
 
         async def call():
-            return await self._stub(peer_id).rpc_close(runtime_pb2.ExpertRequest(uid=session_id))
+            return await asyncio.wait_for(
+                self._stub(peer_id).rpc_close(runtime_pb2.ExpertRequest(uid=session_id)), self.config.close_timeout
+            )
 
-        self.loop.run(call(), timeout=self.config.close_timeout)
+        if wait:
+            self.loop.run(call(), timeout=self.config.close_timeout)
+        else:
+            self.loop.submit(call())
 
     def info(self, peer_id: str) -> dict:
         import msgpack
@@ -176,7 +183,7 @@ class DistributedModelMixin:
             yield cache
         finally:
             capture.active_cache = None
-            if session.hops is not None:
+            if session.opened_on:
                 try:
                     capture.router.close_session(session)
                 except Exception as exc:  # noqa: BLE001 - the peers' session TTL cleans up anyway

@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-
 from swarm.router import SwarmRouter
 from swarm.routing import Span
 
@@ -31,7 +27,7 @@ class LocalTransport:
     def step(self, peer_id: str, request: bytes) -> bytes:
         return self.peers[peer_id].handler.step(request)
 
-    def close_session(self, peer_id: str, session_id: str) -> None:
+    def close_session(self, peer_id: str, session_id: str, wait: bool = True) -> None:
         self.peers[peer_id].handler.close_session(session_id)
 
 

@@ -47,6 +47,7 @@ class StepRequest:
     calls: list[tuple[tuple, dict]]  # distinct (extra args, kwargs) rows
     layer_calls: list[int]  # for each layer of [start, end): its row in `calls`
     session_id: str | None = None  # None: stateless forward, nothing is kept on the peer
+    new_session: bool = False  # this step opens the session on this peer (an unknown id is an error otherwise)
     cache_class: str | None = None  # the client's cache class, e.g. "DynamicCache"; the peer builds the same
     cache_ops: list[tuple[str, Any]] = field(default_factory=list)  # applied before this step, in order
     attn_implementation: str | None = None  # the client's; masks are built for it, so the peer must match
@@ -61,6 +62,7 @@ class StepRequest:
             "calls": [[list(args), kwargs] for args, kwargs in self.calls],
             "layer_calls": self.layer_calls,
             "session_id": self.session_id,
+            "new_session": self.new_session,
             "cache_class": self.cache_class,
             "cache_ops": [[name, arg] for name, arg in self.cache_ops],
             "attn_implementation": self.attn_implementation,
@@ -108,6 +110,9 @@ class StepRequest:
             ops.append((name, arg))
         if ops and session_id is None:
             raise ProtocolError("cache operations need a session")
+        new_session = msg.get("new_session", False)
+        if not isinstance(new_session, bool):
+            raise ProtocolError(f"'new_session' must be a boolean, got {type(new_session).__name__}")
         max_length = _opt(msg, "max_length", int)
         if max_length is not None and max_length <= 0:
             raise ProtocolError(f"max_length must be positive, got {max_length}")
@@ -118,6 +123,7 @@ class StepRequest:
             calls=calls,
             layer_calls=layer_calls,
             session_id=session_id,
+            new_session=new_session,
             cache_class=_opt(msg, "cache_class", str),
             cache_ops=ops,
             attn_implementation=_opt(msg, "attn_implementation", str),

@@ -44,6 +44,7 @@ class ClientSession:
     max_length: int | None = None  # tokens the session may reach, if the user said
     hops: list[Hop] | None = None  # fixed at the first step: the peers hold this session's keys/values
     pending_ops: list[tuple[str, Any]] = field(default_factory=list)  # forwarded with the next step
+    opened_on: set[str] = field(default_factory=set)  # peers that hold this session already
     closed: bool = False
 
 
@@ -58,7 +59,7 @@ class Router(Protocol):
         attn_implementation: str | None,
     ) -> torch.Tensor: ...
 
-    def close_session(self, session: ClientSession) -> None: ...
+    def close_session(self, session: ClientSession, wait: bool = True) -> None: ...
 
 
 def bind_session(cache, router: Router, max_length: int | None = None) -> ClientSession:
@@ -94,10 +95,10 @@ def _forwarding_op(name: str, original: Callable, session: ClientSession) -> Cal
 
 
 def _close_quietly(router: Router, session: ClientSession) -> None:
-    if session.closed or session.hops is None:
+    if session.closed or not session.opened_on:
         return
     try:
-        router.close_session(session)
+        router.close_session(session, wait=False)
     except Exception as exc:  # noqa: BLE001 - a finaliser must never raise; the peer's TTL cleans up anyway
         logger.debug("closing session %s failed: %s", session.session_id, exc)
 

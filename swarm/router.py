@@ -22,7 +22,7 @@ from swarm.wire import decode_message, encode_message
 class Transport(Protocol):
     def step(self, peer_id: str, request: bytes) -> bytes: ...
 
-    def close_session(self, peer_id: str, session_id: str) -> None: ...
+    def close_session(self, peer_id: str, session_id: str, wait: bool = True) -> None: ...
 
 
 def build_step(
@@ -51,6 +51,7 @@ def build_step(
         calls=calls,
         layer_calls=index,
         session_id=session.session_id if session else None,
+        new_session=session is not None and hop.peer_id not in session.opened_on,
         cache_class=session.cache_class if session else None,
         cache_ops=list(cache_ops),
         attn_implementation=attn_implementation,
@@ -96,11 +97,13 @@ class SwarmRouter:
             reply = decode_message(self.transport.step(hop.peer_id, encode_message(request.to_wire())))
             raise_if_error(reply, hop.peer_id)
             h = StepResponse.from_wire(reply).hidden
+            if session is not None:
+                session.opened_on.add(hop.peer_id)
         return h
 
-    def close_session(self, session: ClientSession) -> None:
+    def close_session(self, session: ClientSession, wait: bool = True) -> None:
         if session.closed:
             return
         session.closed = True
-        for hop in session.hops or []:
-            self.transport.close_session(hop.peer_id, session.session_id)
+        for peer_id in session.opened_on:
+            self.transport.close_session(peer_id, session.session_id, wait=wait)
