@@ -31,9 +31,12 @@ Algorithm
    (longest first; fastest first; most throughput x blocks first), keeping the best. Starting with every
    block uncovered, each placement extends the covered prefix, so the fresh plan covers every block
    whenever total capacity allows.
-4. *Hysteresis.* With no serving peers the result is the fresh plan. Otherwise the sticky plan wins unless
-   another plan covers more blocks, or raises the bottleneck by more than ``hysteresis_margin`` (the
-   improved plan is preferred to the fresh one: it moves fewer peers).
+4. *Hysteresis.* With no serving peers the result is the fresh plan. Otherwise the sticky plan stays unless
+   (a) a candidate (improved or fresh) covers more blocks: the cheapest such plan is taken; or (b) some
+   candidate raises the bottleneck by more than ``hysteresis_margin``: then, among the candidates reaching
+   ``near_best_fraction`` of the best gain, the one reloading the fewest blocks is taken, if it beats the
+   margin itself; if it does not, nothing moves yet (a replan that moves most of the swarm is not worth a
+   few per cent over a plan that moves one peer). So a serving peer never moves for less than the margin.
 
 Cost: one placement is O(num_blocks * range length) vectorised; one local-search move is O(peers) vectorised
 (a sparse table answers range minima). See docs/planner.md for measured figures.
@@ -46,7 +49,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 __all__ = ["PeerSpec", "PlannerConfig", "Plan", "plan", "throughput_upper_bound"]
 
@@ -71,6 +73,10 @@ class PlannerConfig:
     # peer-evaluations; bounds the local search at about budget / peers moves per search (a count, not a
     # clock, so the result stays deterministic). 2,000,000 ~ 0.1 s of search at 10,000 peers.
     improvement_budget: int = 2_000_000
+    # fraction; once some plan beats the margin, the planner looks at the plans reaching at least this
+    # fraction of the best plan's gain and takes the one reloading the fewest blocks, if it beats the margin
+    # too; otherwise nothing moves yet (a costly replan is not worth a few % over a cheap one)
+    near_best_fraction: float = 0.8
     # peers; with at most this many peers (capacity >= 1) a fresh plan tries three placement orders
     # (longest range first, fastest first, most throughput x blocks first) and keeps the best; above it,
     # only the first (each order costs one greedy pass, ~30 ms per 1,000 peers on an 80-block model)
@@ -131,6 +137,9 @@ def _validate(peers: Sequence[PeerSpec], num_blocks: int, config: PlannerConfig)
         raise ValueError(f"hysteresis_margin must be a finite number >= 0 (0.15 = 15%), got {margin!r}")
     if not _is_int(config.improvement_budget) or config.improvement_budget < 0:
         raise ValueError(f"improvement_budget must be an integer >= 0, got {config.improvement_budget!r}")
+    frac = config.near_best_fraction
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
+        raise ValueError(f"near_best_fraction must be a number in [0, 1], got {frac!r}")
     if not _is_int(config.multi_order_max_peers) or config.multi_order_max_peers < 0:
         raise ValueError(f"multi_order_max_peers must be an integer >= 0, got {config.multi_order_max_peers!r}")
     seen: set[str] = set()
@@ -174,7 +183,7 @@ def _validate(peers: Sequence[PeerSpec], num_blocks: int, config: PlannerConfig)
 class _State:
     """Mutable working placement. Index i refers to the i-th capable peer in peer_id order."""
 
-    __slots__ = ("n", "t", "full", "start", "length", "T", "C", "tol")
+    __slots__ = ("n", "t", "full", "start", "length", "T", "C", "missing", "tol")
 
     def __init__(self, n: int, t: np.ndarray, full: np.ndarray, tol: float) -> None:
         self.n = n  # blocks
@@ -184,18 +193,21 @@ class _State:
         self.length = full.copy()  # (peers,) blocks; length of the placed range
         self.T = np.zeros(n)  # (blocks,) tokens/s
         self.C = np.zeros(n, dtype=np.int64)  # (blocks,) peers covering each block
+        self.missing = n  # blocks with C == 0
         self.tol = tol  # tokens/s; float comparisons below this are ties
 
     def copy(self) -> "_State":
         other = _State.__new__(_State)
         other.n, other.t, other.full, other.tol = self.n, self.t, self.full, self.tol
         other.start, other.length = self.start.copy(), self.length.copy()
-        other.T, other.C = self.T.copy(), self.C.copy()
+        other.T, other.C, other.missing = self.T.copy(), self.C.copy(), self.missing
         return other
 
     def add(self, i: int, s: int, length: int) -> None:
         self.start[i] = s
         self.length[i] = length
+        if self.missing:
+            self.missing -= int(np.count_nonzero(self.C[s : s + length] == 0))
         self.T[s : s + length] += self.t[i]
         self.C[s : s + length] += 1
 
@@ -203,6 +215,7 @@ class _State:
         s, length = int(self.start[i]), int(self.length[i])
         self.T[s : s + length] -= self.t[i]
         self.C[s : s + length] -= 1
+        self.missing += int(np.count_nonzero(self.C[s : s + length] == 0))
         self.start[i] = -1
 
     def best_window(self, length: int, lo: int, hi: int) -> int:
@@ -212,24 +225,31 @@ class _State:
         """
         if lo == hi:
             return lo
-        T = self.T
-        win = sliding_window_view(T, length)[lo : hi + 1]  # (windows, length)
-        mask = None
-        if self.C.min() == 0:
-            unc = sliding_window_view(self.C == 0, length)[lo : hi + 1].sum(axis=1)  # (windows,)
-            mask = unc == unc.max()
+        win = _windows(self.T, length, lo, hi)  # (windows, length)
         wmin = win.min(axis=1)  # (windows,)
-        best = wmin.min() if mask is None else wmin[mask].min()
-        ok = wmin <= best + self.tol
-        mask = ok if mask is None else mask & ok
-        wsum = win.sum(axis=1)  # (windows,)
-        best = wsum[mask].min()
-        mask &= wsum <= best + self.tol * length
-        return lo + int(np.argmax(mask))
+        if self.missing:
+            unc = _windows((self.C == 0).astype(np.int64), length, lo, hi).sum(axis=1)  # (windows,)
+            cand = np.flatnonzero(unc == unc.max())
+            wmin = wmin[cand]
+            cand = cand[wmin <= wmin.min() + self.tol]
+        else:
+            cand = np.flatnonzero(wmin <= wmin.min() + self.tol)
+        if len(cand) == 1:
+            return lo + int(cand[0])
+        wsum = win[cand].sum(axis=1)  # (candidates,)
+        return lo + int(cand[int(np.argmax(wsum <= wsum.min() + self.tol * length))])
 
     def place(self, i: int) -> None:
         length = int(self.full[i])
         self.add(i, self.best_window(length, 0, self.n - length), length)
+
+
+def _windows(values: np.ndarray, length: int, lo: int, hi: int) -> np.ndarray:
+    """Read-only view (hi - lo + 1, length) of the windows values[s : s + length] for s in [lo, hi]."""
+    return np.ndarray(
+        (hi - lo + 1, length), dtype=values.dtype, buffer=values, offset=lo * values.itemsize,
+        strides=(values.itemsize, values.itemsize),
+    )
 
 
 def _range_min_table(values: np.ndarray) -> np.ndarray:
@@ -247,6 +267,8 @@ def _range_min_table(values: np.ndarray) -> np.ndarray:
     return np.stack(rows)  # (levels, blocks)
 
 
+
+
 def _improve(st: _State, max_moves: int, repair_only: bool) -> int:
     """Local search in place (see module docstring). Returns the number of moves made."""
     n = st.n
@@ -255,7 +277,7 @@ def _improve(st: _State, max_moves: int, repair_only: bool) -> int:
         log2[length] = log2[length // 2] + 1
     moves = 0
     while moves < max_moves:
-        uncovered = st.C.min() == 0
+        uncovered = st.missing > 0
         if repair_only and not uncovered:
             break
         placed = st.start >= 0
@@ -311,11 +333,11 @@ def _fmt(intervals: Sequence[tuple[int, int]]) -> str:
 
 
 def _covered(st: _State) -> int:
-    return int(np.count_nonzero(st.C))
+    return st.n - st.missing
 
 
 def _bottleneck(st: _State) -> float:
-    return float(st.T.min()) if st.C.min() > 0 else 0.0
+    return float(st.T.min()) if st.missing == 0 else 0.0
 
 
 def plan(peers: Sequence[PeerSpec], num_blocks: int, config: PlannerConfig = PlannerConfig()) -> Plan:
@@ -377,32 +399,58 @@ def plan(peers: Sequence[PeerSpec], num_blocks: int, config: PlannerConfig = Pla
         )
         st = sticky
 
-        def wins(other: _State) -> bool:
-            cov = _covered(other)
-            if cov != base_cov:
-                return cov > base_cov
-            return base_cov == n and _bottleneck(other) > base_b * (1.0 + config.hysteresis_margin) + tol
+        def reload_cost(other: _State) -> int:
+            """blocks; what peers must load beyond the sticky plan: the part of each new range they would not
+            hold there. Measured against the sticky plan (not `current`) so that re-planning its own output
+            reaches the same decision."""
+            s0, e0 = sticky.start, sticky.start + sticky.length
+            s1, e1 = other.start, other.start + other.length
+            overlap = np.maximum(0, np.minimum(e1, e0) - np.maximum(s1, s0))
+            return int((e1 - s1 - overlap).sum())
 
+        cands = []
         improved = sticky.copy()
-        if _improve(improved, max_moves, repair_only=False) and wins(improved):
-            st = improved
+        if _improve(improved, max_moves, repair_only=False):
+            cands.append(("rebalanced with local moves", improved))
+        cands.append(("replanned from scratch", fresh()))
+        # (reload cost, -bottleneck, position): the cheapest first, then the best, then the first listed
+        ranked = sorted((reload_cost(c), -_bottleneck(c), j) for j, (_, c) in enumerate(cands))
+        best_cov = max(_covered(c) for _, c in cands)
+        margin = config.hysteresis_margin
+        if best_cov > base_cov:
+            # coverage broke: take the cheapest plan that covers the most blocks
+            j = next(j for _, _, j in ranked if _covered(cands[j][1]) == best_cov)
+            how, st = cands[j]
             reason = (
-                f"rebalanced: local moves raise the bottleneck from {base_b:.6g} to {_bottleneck(improved):.6g} "
-                f"tokens/s (> {config.hysteresis_margin:.0%} margin)"
+                f"{how}: keeping serving peers leaves {n - base_cov} block(s) uncovered, this plan leaves "
+                f"{n - best_cov} (moves {reload_cost(st)} block(s))"
             )
-        else:
-            candidate = fresh()
-            if wins(candidate):
-                st = candidate
-                if _covered(candidate) > base_cov:
+        elif base_cov == n:
+            best_gain = max(_bottleneck(c) for _, c in cands) - base_b
+            if best_gain > margin * base_b + tol:
+                # worth moving for; but among plans nearly as good as the best, the cheapest decides
+                # near the best: most of its gain, and within the margin of it (so that re-planning the
+                # result does not find the best plan worth moving for again)
+                near = config.near_best_fraction * best_gain - tol
+                top = base_b + best_gain
+                j = next(
+                    j for _, _, j in ranked
+                    if _bottleneck(cands[j][1]) - base_b >= near
+                    and _bottleneck(cands[j][1]) * (1.0 + margin) + tol >= top
+                )
+                how, c = cands[j]
+                gain = _bottleneck(c) / base_b - 1.0
+                if _bottleneck(c) > base_b * (1.0 + margin) + tol:
+                    st = c
                     reason = (
-                        f"replanned from scratch: keeping serving peers leaves {n - base_cov} block(s) uncovered, "
-                        f"a fresh plan leaves {n - _covered(candidate)}"
+                        f"{how}: the bottleneck rises from {base_b:.6g} to {_bottleneck(c):.6g} tokens/s "
+                        f"(+{gain:.1%} > {margin:.0%} margin; moves {reload_cost(c)} block(s))"
                     )
                 else:
-                    reason = (
-                        f"replanned from scratch: the bottleneck rises from {base_b:.6g} to "
-                        f"{_bottleneck(candidate):.6g} tokens/s (> {config.hysteresis_margin:.0%} margin)"
+                    reason += (
+                        f"; kept: a plan moving {reload_cost(c)} block(s) would gain only +{gain:.1%} "
+                        f"(<= {margin:.0%} margin), and the best found (+{best_gain / base_b:.1%}) is not "
+                        f"worth its extra moves"
                     )
 
     assignments: dict[str, tuple[int, int]] = {}

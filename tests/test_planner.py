@@ -91,11 +91,14 @@ def swarms(draw, max_peers: int = 10, max_blocks: int = 16, min_capacity: int = 
 
 
 @st.composite
-def serving_swarms(draw):
-    """Peers that all serve some valid current range (not necessarily a planner's output)."""
+def serving_swarms(draw, joining_allowed: bool = False):
+    """Peers that serve some valid current range (not necessarily a planner's output), or join."""
     peers, n = draw(swarms(min_capacity=1))
     out = []
     for p in peers:
+        if joining_allowed and draw(st.booleans()):
+            out.append(p)
+            continue
         length = draw(st.integers(1, min(p.capacity_blocks, n)))
         s = draw(st.integers(0, n - length))
         out.append(PeerSpec(p.peer_id, p.capacity_blocks, p.throughput, (s, s + length)))
@@ -207,6 +210,43 @@ def test_serving_peer_moves_for_a_large_gain():
     assert "rebalanced" in r.reason
 
 
+def test_cheap_local_move_is_preferred_to_a_replan():
+    peers = [PeerSpec("p0", 3, 3.0, (0, 2)), PeerSpec("p1", 3, 10.0, (0, 3)), PeerSpec("p2", 1, 8.0, (1, 2))]
+    r = plan(peers, 3)  # [13, 21, 10] -> p2 moves to block 2: [13, 13, 18], +30%
+    assert r.moved == ("p2",) and r.assignments["p2"] == (2, 3)
+    assert r.bottleneck == pytest.approx(13.0)
+    assert r.reason.startswith("rebalanced with local moves") and "+30.0%" in r.reason
+
+
+def test_replan_from_scratch_when_local_moves_cannot_help():
+    peers = [PeerSpec("p0", 2, 4.0, (1, 3)), PeerSpec("p1", 2, 8.0, (1, 3)), PeerSpec("p2", 3, 5.0, (0, 1))]
+    r = plan(peers, 3)  # [5, 12, 12]: nobody can move alone onto block 0 without uncovering something
+    assert r.bottleneck == pytest.approx(9.0)
+    assert r.reason.startswith("replanned from scratch")
+    check_invariants(peers, 3, r)
+
+
+def test_no_costly_replan_for_a_few_percent_over_a_cheap_move():
+    # block throughput [33, 39, 29]. Moving p3 alone gives [33, 34, 34]: +13.8%, under the margin.
+    # The best plan found gains +17.2% but that is within 80% of the cheap move's gain: nothing moves yet.
+    peers = [
+        PeerSpec("p0", 3, 5.0, (0, 2)),
+        PeerSpec("p1", 3, 1.0, (1, 3)),
+        PeerSpec("p2", 3, 10.0, (0, 3)),
+        PeerSpec("p3", 1, 5.0, (1, 2)),
+        PeerSpec("p4", 3, 8.0, (0, 3)),
+        PeerSpec("p5", 3, 10.0, (0, 3)),
+    ]
+    r = plan(peers, 3)
+    assert r.moved == () and r.bottleneck == 29.0
+    assert "kept: a plan moving 1 block(s) would gain only +13.8%" in r.reason
+    # a lower margin takes the cheap move; demanding the best plan takes the replan
+    cheap = plan(peers, 3, PlannerConfig(hysteresis_margin=0.1))
+    assert cheap.moved == ("p3",) and cheap.bottleneck == pytest.approx(33.0)
+    best = plan(peers, 3, PlannerConfig(near_best_fraction=1.0))
+    assert best.bottleneck == pytest.approx(34.0) and best.reason.startswith("replanned from scratch")
+
+
 def test_hysteresis_margin_threshold():
     # 4 blocks. a: [0, 4) at 10; b: [0, 2) at 1; c: [0, 2) at 1 -> [12, 12, 10, 10], bottleneck 10.
     # Moving c to [2, 4) gives [11, 11, 11, 11]: +10%.
@@ -257,6 +297,10 @@ def test_invalid_config():
         plan([PeerSpec("a", 1, 1.0)], 1, PlannerConfig(hysteresis_margin=-0.1))
     with pytest.raises(ValueError, match="improvement_budget"):
         plan([PeerSpec("a", 1, 1.0)], 1, PlannerConfig(improvement_budget=-1))
+    with pytest.raises(ValueError, match=r"near_best_fraction must be a number in \[0, 1\], got 1.5"):
+        plan([PeerSpec("a", 1, 1.0)], 1, PlannerConfig(near_best_fraction=1.5))
+    with pytest.raises(ValueError, match="multi_order_max_peers"):
+        plan([PeerSpec("a", 1, 1.0)], 1, PlannerConfig(multi_order_max_peers=-1))
     with pytest.raises(ValueError, match="num_blocks"):
         throughput_upper_bound([], 0)
 
@@ -307,6 +351,17 @@ def test_prop_no_churn_when_nothing_changed(case):
     assert again.assignments == first.assignments
     # and a third time, from the second plan
     assert plan(serving(peers, again), n).assignments == first.assignments
+
+
+@PROPS
+@given(serving_swarms(joining_allowed=True))
+def test_prop_replanning_any_plan_moves_nothing(case):
+    peers, n = case
+    first = plan(peers, n)
+    check_invariants(peers, n, first)
+    again = plan(serving(peers, first), n)
+    assert again.moved == (), again.reason
+    assert again.assignments == first.assignments
 
 
 @PROPS
