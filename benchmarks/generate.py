@@ -1,0 +1,108 @@
+"""Time to first token and time per output token: the swarm (1, 2, 3 peers on loopback) vs local.
+
+Both are measured in the same run, on the same machine, with the same checkpoint: the local model
+runs in this process; the swarm's peers are real `swarm run-peer` processes on 127.0.0.1 and the
+client is in this process. Greedy decoding, 16-token prompt, batch 1, fp32, seed 0.
+
+- TTFT: `generate(max_new_tokens=1)` wall time (session opening, prefill, first token).
+- TPOT: (time of `generate(max_new_tokens=N)` - TTFT) / (N - 1).
+Medians of --runs runs (default 5) after one warm-up. Ratios are swarm / local.
+
+Models: "small" Llama (hidden 256, 4 layers, vocab 1000) and "medium" (hidden 1024, intermediate
+2816, 16 heads, 12 layers, vocab 32000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.processes import SwarmProcesses  # noqa: E402
+
+MODELS = {
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=1000),
+    "medium": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
+                   num_key_value_heads=16, vocab_size=32000),
+}
+
+
+def build(name: str, directory: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = directory / name
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(max_position_embeddings=512, **MODELS[name])).save_pretrained(path)
+    return path
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(model, prompt: torch.Tensor, new_tokens: int, runs: int) -> tuple[float, float]:
+    gen = dict(do_sample=False, pad_token_id=0)
+    model.generate(prompt, max_new_tokens=new_tokens, **gen)  # warm-up
+    ttft = [timed(lambda: model.generate(prompt, max_new_tokens=1, **gen)) for _ in range(runs)]
+    full = [timed(lambda: model.generate(prompt, max_new_tokens=new_tokens, **gen)) for _ in range(runs)]
+    ttft_med = statistics.median(ttft)
+    return ttft_med, (statistics.median(full) - ttft_med) / (new_tokens - 1)
+
+
+def even_ranges(num_blocks: int, parts: int) -> list[str]:
+    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
+    return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:])]
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from swarm import AutoDistributedModelForCausalLM
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["small", "medium"], choices=list(MODELS))
+    parser.add_argument("--peers", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            path = build(name, Path(tmp))
+            local = AutoModelForCausalLM.from_pretrained(path).eval()
+            l_ttft, l_tpot = measure(local, prompt, args.new_tokens, args.runs)
+            rows.append((name, "local", l_ttft, l_tpot, 1.0, 1.0))
+            layers = MODELS[name]["num_hidden_layers"]
+            for k in args.peers:
+                with SwarmProcesses() as procs:
+                    dht = procs.start_dht()
+                    launched = [procs.start_peer(path, dht, r, wait=False) for r in even_ranges(layers, k)]
+                    for proc in launched:
+                        procs.wait_ready(proc)
+                    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[dht])
+                    ttft, tpot = measure(model, prompt, args.new_tokens, args.runs)
+                    model.swarm_connection.close()
+                rows.append((name, f"swarm {k} peer{'s' * (k > 1)}", ttft, tpot, ttft / l_ttft, tpot / l_tpot))
+    print(f"{'model':<8}{'setup':<16}{'TTFT ms':>10}{'TPOT ms':>10}{'TTFT x':>9}{'TPOT x':>9}")
+    for name, setup, ttft, tpot, r1, r2 in rows:
+        print(f"{name:<8}{setup:<16}{ttft * 1e3:>10.1f}{tpot * 1e3:>10.2f}{r1:>9.2f}{r2:>9.2f}")
+    print(json.dumps({"benchmark": "generate", "rows": [
+        {"model": n, "setup": s, "ttft_ms": round(a * 1e3, 2), "tpot_ms": round(b * 1e3, 3),
+         "ttft_ratio": round(c, 3), "tpot_ratio": round(d, 3)} for n, s, a, b, c, d in rows]}))
+
+
+if __name__ == "__main__":
+    main()
