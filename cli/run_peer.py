@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--public-name", default="", help="a name shown on the dashboard")
     p.add_argument("--identity-path", default=None, help="key file for a peer id that survives restarts")
     p.add_argument("--announce-period", type=float, default=30.0, help="seconds between DHT refreshes")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="torch CPU threads (default: all cores; give each peer a share when several run on one host)")
     p.add_argument("--attn-implementation", default=None, help="transformers attention implementation")
     p.set_defaults(func=run)
 
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         identity_path=args.identity_path,
         announce_period_s=args.announce_period,
         attn_implementation=args.attn_implementation,
+        num_threads=args.num_threads,
     )
     PeerServer(config).run()
     return 0

@@ -48,6 +48,7 @@ class PeerConfig:
     identity_path: str | None = None  # libp2p key file, for a stable peer id across restarts
     announce_period_s: float = 30.0  # refresh of the DHT record
     attn_implementation: str | None = None  # transformers attention implementation; None: its default
+    num_threads: int | None = None  # torch CPU threads; None: torch's default (all cores)
     limits: RunnerLimits = field(default_factory=RunnerLimits)
 
 
@@ -123,6 +124,8 @@ class PeerServer:
 
     def run(self) -> None:
         """Load, serve until SIGTERM/SIGINT, then leave cleanly."""
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
         self.load()
         from swarm.aio import new_event_loop
 

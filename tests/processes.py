@@ -100,7 +100,9 @@ class SwarmProcesses:
 
     def start_peer(self, model: Path | str, initial_peer: str, blocks: str | None, *extra: str, name: str | None = None,
                    wait: bool = True, timeout: float = 120.0) -> Proc:
-        args = ["run-peer", str(model), "--initial-peers", initial_peer, "--announce-period", "2", *extra]
+        # one torch thread per peer: several peers share this machine's cores, and oversubscribed
+        # OpenMP threads spin against each other (10x slower steps)
+        args = ["run-peer", str(model), "--initial-peers", initial_peer, "--announce-period", "2", "--num-threads", "1", *extra]
         if blocks is not None:
             args += ["--blocks", blocks]
         proc = self.spawn(name or f"peer {blocks}", *args)
