@@ -15,6 +15,7 @@ demo: $(STAMP)
 	$(PY) -m cli.split_demo
 
 test: $(STAMP)
+	bash scripts/install_browser.sh $(VENV)
 	$(PY) -m pytest tests -q
 
 bench: $(STAMP)
