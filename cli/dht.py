@@ -16,6 +16,8 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
     p.add_argument("--announce-maddrs", nargs="*", default=None, help="addresses other machines should dial")
     p.add_argument("--identity-path", default=None, help="key file for a peer id that survives restarts")
+    p.add_argument("--relay-hop-limit", type=int, default=0,
+                   help="act as a relay for peers behind NAT (a public node; 0: off)")
     p.set_defaults(func=run)
 
 
@@ -26,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
         dht = make_dht(
             args.initial_peers, host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"],
             announce_maddrs=args.announce_maddrs, identity_path=args.identity_path,
+            relay_hop_limit=args.relay_hop_limit,
         )
     except Exception as exc:  # noqa: BLE001 - one clear line instead of a hivemind traceback
         print(f"error: could not start the DHT node on {args.host}:{args.port}: {exc}")

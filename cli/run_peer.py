@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all interfaces)")
     p.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
     p.add_argument("--announce-maddrs", nargs="*", default=[], help="addresses other machines should dial")
+    p.add_argument("--use-auto-relay", action="store_true",
+                   help="behind NAT without a public address: reach others through relay nodes")
     p.add_argument("--public-name", default="", help="a name shown on the dashboard")
     p.add_argument("--identity-path", default=None, help="key file for a peer id that survives restarts")
     p.add_argument("--announce-period", type=float, default=30.0, help="seconds between DHT refreshes")
@@ -51,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         announce_period_s=args.announce_period,
         attn_implementation=args.attn_implementation,
         num_threads=args.num_threads,
+        use_auto_relay=args.use_auto_relay,
     )
     PeerServer(config).run()
     return 0

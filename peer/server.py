@@ -49,6 +49,7 @@ class PeerConfig:
     announce_period_s: float = 30.0  # refresh of the DHT record
     attn_implementation: str | None = None  # transformers attention implementation; None: its default
     num_threads: int | None = None  # torch CPU threads; None: torch's default (all cores)
+    use_auto_relay: bool = False  # behind NAT: be reachable through relay nodes
     limits: RunnerLimits = field(default_factory=RunnerLimits)
 
 
@@ -147,6 +148,7 @@ class PeerServer:
             host_maddrs=[f"/ip4/{cfg.host}/tcp/{cfg.port}"],
             announce_maddrs=cfg.announce_maddrs or None,
             identity_path=cfg.identity_path,
+            use_auto_relay=cfg.use_auto_relay,
         )
         try:
             self.peer_id = local_peer_id(self.dht)
