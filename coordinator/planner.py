@@ -45,7 +45,7 @@ Cost: one placement is O(num_blocks * range length) vectorised; one local-search
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -79,7 +79,7 @@ class PlannerConfig:
     near_best_fraction: float = 0.8
     # peers; with at most this many peers (capacity >= 1) a fresh plan tries three placement orders
     # (longest range first, fastest first, most throughput x blocks first) and keeps the best; above it,
-    # only the first (each order costs one greedy pass, ~30 ms per 1,000 peers on an 80-block model)
+    # only the first (each order costs one greedy pass, ~20 ms per 1,000 peers on an 80-block model)
     multi_order_max_peers: int = 2_000
 
 
@@ -91,11 +91,11 @@ class Plan:
     assignments: dict[str, tuple[int, int]]  # peer_id -> blocks [start, end); sorted by peer_id
     uncovered: tuple[tuple[int, int], ...]  # blocks; maximal [start, end) intervals no peer serves
     bottleneck: float  # tokens/s; min over blocks of the summed throughput of their peers (0 if uncovered)
+    total_capacity: int  # blocks; sum over peers of min(capacity, num_blocks)
     block_throughput: tuple[float, ...]  # tokens/s per block; summed throughput of the peers serving it
     moved: tuple[str, ...]  # peer ids of serving peers whose range changed (each costs a reload); sorted
     unassigned: tuple[str, ...]  # peer ids given no range (capacity 0); sorted
     reason: str  # why the plan looks as it does: which candidate won, and why blocks are uncovered
-    total_capacity: int = field(default=0)  # blocks; sum over peers of min(capacity, num_blocks)
 
     def explain(self) -> str:
         """A short human-readable summary (a few lines, whatever the swarm size)."""
@@ -109,7 +109,8 @@ class Plan:
             shown = ", ".join(self.moved[:10]) + (f" and {len(self.moved) - 10} more" if len(self.moved) > 10 else "")
             lines.append(f"moved {len(self.moved)} serving peer(s): {shown}")
         if self.unassigned:
-            lines.append(f"{len(self.unassigned)} peer(s) with capacity 0 serve nothing: {', '.join(self.unassigned[:10])}")
+            names = ", ".join(self.unassigned[:10])
+            lines.append(f"{len(self.unassigned)} peer(s) with capacity 0 serve nothing: {names}")
         return "\n".join(lines)
 
 
@@ -154,7 +155,8 @@ def _validate(peers: Sequence[PeerSpec], num_blocks: int, config: PlannerConfig)
         if not _is_int(p.capacity_blocks) or p.capacity_blocks < 0:
             raise ValueError(f"peer {p.peer_id!r}: capacity_blocks must be an integer >= 0, got {p.capacity_blocks!r}")
         t = p.throughput
-        if isinstance(t, bool) or not isinstance(t, (int, float, np.floating, np.integer)) or not math.isfinite(t) or t <= 0:
+        numeric = isinstance(t, (int, float, np.floating, np.integer)) and not isinstance(t, bool)
+        if not numeric or not math.isfinite(t) or t <= 0:
             raise ValueError(
                 f"peer {p.peer_id!r}: throughput must be a finite number > 0 tokens/s, got {t!r} "
                 "(measure it before planning)"
@@ -162,7 +164,9 @@ def _validate(peers: Sequence[PeerSpec], num_blocks: int, config: PlannerConfig)
         if p.current is not None:
             cur = p.current
             if not isinstance(cur, tuple) or len(cur) != 2 or not all(_is_int(x) for x in cur):
-                raise ValueError(f"peer {p.peer_id!r}: current must be None or a (start, end) pair of ints, got {cur!r}")
+                raise ValueError(
+                    f"peer {p.peer_id!r}: current must be None or a (start, end) pair of ints, got {cur!r}"
+                )
             s, e = cur
             if not 0 <= s < e <= num_blocks:
                 raise ValueError(
@@ -265,8 +269,6 @@ def _range_min_table(values: np.ndarray) -> np.ndarray:
         rows.append(row)
         k += 1
     return np.stack(rows)  # (levels, blocks)
-
-
 
 
 def _improve(st: _State, max_moves: int, repair_only: bool) -> int:
@@ -394,7 +396,8 @@ def plan(peers: Sequence[PeerSpec], num_blocks: int, config: PlannerConfig = Pla
         repairs = _improve(sticky, max_moves, repair_only=True)
         base_cov, base_b = _covered(sticky), _bottleneck(sticky)
         reason = (
-            f"kept serving peers in place, placed {len(joining)} joining peer(s) on the weakest blocks"
+            "kept serving peers in place"
+            + (f", placed {len(joining)} joining peer(s) on the weakest blocks" if joining else "")
             + (f", {repairs} repair move(s) to re-cover blocks" if repairs else "")
         )
         st = sticky
@@ -428,9 +431,8 @@ def plan(peers: Sequence[PeerSpec], num_blocks: int, config: PlannerConfig = Pla
         elif base_cov == n:
             best_gain = max(_bottleneck(c) for _, c in cands) - base_b
             if best_gain > margin * base_b + tol:
-                # worth moving for; but among plans nearly as good as the best, the cheapest decides
-                # near the best: most of its gain, and within the margin of it (so that re-planning the
-                # result does not find the best plan worth moving for again)
+                # worth moving for; among the plans near the best (most of its gain, and within the margin
+                # of it, so that re-planning the result finds nothing worth moving for) the cheapest decides
                 near = config.near_best_fraction * best_gain - tol
                 top = base_b + best_gain
                 j = next(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -171,7 +173,9 @@ def test_optimal_on_a_case_that_needs_a_second_placement_order():
 def test_fresh_plan_matches_brute_force_optimum_on_small_swarms(seed):
     rng = random.Random(seed)
     n = rng.randint(3, 9)
-    peers = [PeerSpec(f"p{i}", rng.randint(1, n), float(rng.choice([1, 2, 3, 5, 8, 13]))) for i in range(rng.randint(2, 4))]
+    peers = [
+        PeerSpec(f"p{i}", rng.randint(1, n), float(rng.choice([1, 2, 3, 5, 8, 13]))) for i in range(rng.randint(2, 4))
+    ]
     lengths = [min(p.capacity_blocks, n) for p in peers]
     best = 0.0
     for starts in itertools.product(*[range(n - length + 1) for length in lengths]):
@@ -309,6 +313,13 @@ def test_plan_is_frozen():
     r = plan([PeerSpec("a", 1, 1.0)], 1)
     with pytest.raises(AttributeError):
         r.bottleneck = 3.0  # type: ignore[misc]
+
+
+def test_planner_is_pure_python_and_numpy():
+    banned = ("torch", "hivemind", "transformers", "socket", "asyncio")
+    code = f"import sys, coordinator.planner; print(sorted(m for m in {banned!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_ten_thousand_peers_is_fast_and_balanced():
