@@ -34,6 +34,13 @@
       while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
       return `${n >= 100 || i === 0 ? n.toFixed(0) : n.toFixed(1)} ${units[i]}`;
     },
+    // "19.7 / 23.5 GiB" (one unit when both share it)
+    memory(free, total) {
+      if (!total) return "—";
+      const [f, t] = [fmt.bytes(free), fmt.bytes(total)];
+      const [fUnit, tUnit] = [f.split(" ")[1], t.split(" ")[1]];
+      return fUnit === tUnit ? `${f.split(" ")[0]} / ${t}` : `${f} / ${t}`;
+    },
     rate(x) {
       if (!x) return "0";
       return x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2);
@@ -72,7 +79,9 @@
         fmt.ranges(m.missing);
     }
     if (m.health === "degraded") {
-      return `one failure from broken: block(s) ${fmt.ranges(runs(m.coverage, (c) => c === 1))} have a single online peer`;
+      const single = m.coverage.filter((c) => c === 1).length;
+      return `one failure from broken: ${single === 1 ? "block" : "blocks"} ${fmt.ranges(runs(m.coverage, (c) => c === 1))} ` +
+        `${single === 1 ? "has" : "have"} a single online peer`;
     }
     return "every block is served by at least 2 online peers";
   }
@@ -103,8 +112,15 @@
     s.blockFilter.addEventListener("click", () => { s.block = null; renderModel(s, s.model); });
     s.count = el("span", { className: "count", dataset: { testid: "peer-count" } });
     s.tbody = el("tbody", { dataset: { testid: "peers" } });
-    const head = el("tr", {}, ...["Name", "Peer", "State", "Blocks", "Device", "dtype", "Memory free / total",
-      "Throughput (tok/s)", "Free KV tokens", "Sessions", "Last seen"].map((h) => el("th", { text: h })));
+    const columns = [
+      ["Name", "the peer's public name (--public-name)"], ["Peer", "peer id (hover a cell for the whole id)"],
+      ["State", "joining, online or draining"], ["Blocks", "the range [start:end) this peer serves, on the model's blocks"],
+      ["Device", "device kind and name"], ["dtype", "weights dtype"], ["Memory", "free / total device memory (RAM on CPU)"],
+      ["tok/s", "decode throughput through one block, as the peer measured it"],
+      ["Free KV", "KV-cache tokens still free"], ["Sessions", "inference sessions open now"],
+      ["Seen", "time since the peer's last announcement"],
+    ];
+    const head = el("tr", {}, ...columns.map(([text, title]) => el("th", { text, title })));
     const table = el("table", { className: "peers" }, el("thead", {}, head), s.tbody);
     s.root = el("section", { className: "model", dataset: { modelKey: key, testid: "model" } },
       el("div", { className: "model-head" }, s.verdict, el("div", {}, s.name, s.keyText)),
@@ -137,7 +153,8 @@
       `${fmt.int(c.online || 0)} online`,
       `${fmt.int(c.joining || 0)} joining`,
       `${fmt.int(c.draining || 0)} draining`,
-      `bottleneck ${fmt.rate(m.bottleneck_throughput)} tok/s`,
+      m.peers.some((p) => p.state === "online" && p.throughput > 0)
+        ? `bottleneck ${fmt.rate(m.bottleneck_throughput)} tok/s` : "no throughput reported yet",
       fmt.plural(m.active_sessions, "session"),
       `${fmt.int(m.free_cache_tokens)} free KV tokens`,
     ].join(" · ");
@@ -222,7 +239,7 @@
     }
     if (p.blocks && n) place(el("div", { className: `fill s-${p.state}` }), p.blocks);
     const label = p.blocks ? `${p.blocks[0]}:${p.blocks[1]}` : "—";
-    return el("td", { className: "range" }, track, el("span", { className: "range-label", text: label }));
+    return el("td", {}, el("div", { className: "range" }, track, el("span", { className: "range-label", text: label })));
   }
 
   function renderPeers(s) {
@@ -231,13 +248,17 @@
     const shown = m.peers.filter((p) => peerMatches(s, p));
     const rows = shown.map((p) => {
       const row = el("tr", { className: `peer-row s-${p.state}`, dataset: { peerId: p.peer_id, state: p.state } });
-      const name = el("td", { className: p.public_name ? "name" : "name muted", text: p.public_name || "—" });
+      const name = el("td", {}, el("span", { className: p.public_name ? "clip name" : "clip muted",
+        text: p.public_name || "—" }));
+      name.title = p.public_name;
       const id = el("td", { className: "mono", text: fmt.shortId(p.peer_id) });
       id.title = p.peer_id;
-      const device = el("td", { text: p.device_name ? `${p.device_kind} · ${p.device_name}` : p.device_kind });
+      const device = el("td", {}, el("span", { className: "clip",
+        text: p.device_name ? `${p.device_kind} · ${p.device_name}` : p.device_kind }));
       device.title = p.device_name || p.device_kind;
-      const memory = el("td", { className: "num",
-        text: p.total_memory_bytes ? `${fmt.bytes(p.free_memory_bytes)} / ${fmt.bytes(p.total_memory_bytes)}` : "—" });
+      const memory = el("td", { className: "num", text: fmt.memory(p.free_memory_bytes, p.total_memory_bytes) });
+      const throughput = el("td", { className: "num", text: p.throughput > 0 ? fmt.rate(p.throughput) : "—" });
+      if (!(p.throughput > 0)) throughput.title = "this peer reports no throughput measurement";
       row.append(
         name, id,
         el("td", {}, el("span", { className: `state s-${p.state}`, text: p.state })),
@@ -245,7 +266,7 @@
         device,
         el("td", { text: p.dtype }),
         memory,
-        el("td", { className: "num", text: fmt.rate(p.throughput) }),
+        throughput,
         el("td", { className: "num", text: fmt.int(p.free_cache_tokens) }),
         el("td", { className: "num", text: fmt.int(p.active_sessions) }),
         el("td", { className: "num", text: fmt.ago(p.last_seen_s + extra) }),
