@@ -68,17 +68,17 @@ class _HTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], cache: StateCache, static: dict[str, tuple[bytes, str]]):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.cache, self.static = cache, static
-        self._encoded: tuple[int, bytes, bytes] = (0, b"", b"")  # (id of state, json, gzipped json)
+        self._encoded: tuple[int, bytes, bytes] = (-1, b"", b"")  # (state generation, json, gzipped json)
         self._encode_lock = threading.Lock()
         super().__init__(address, _Handler)
 
     def state_body(self) -> tuple[bytes, bytes]:
         """/api/state as (JSON, gzipped JSON), encoded once per DHT read."""
-        state = self.cache.state()
+        generation, state = self.cache.snapshot()
         with self._encode_lock:
-            if self._encoded[0] != id(state):
+            if self._encoded[0] != generation:
                 body = json.dumps(state, separators=(",", ":"), allow_nan=False).encode()
-                self._encoded = (id(state), body, gzip.compress(body, compresslevel=5))
+                self._encoded = (generation, body, gzip.compress(body, compresslevel=5))
             return self._encoded[1], self._encoded[2]
 
 

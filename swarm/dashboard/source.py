@@ -48,13 +48,19 @@ class StateCache:
         self._good_at = float("-inf")  # monotonic time of the last successful read
         self.read_errors = 0
         self.reads = 0
+        self.generation = 0  # changes with every new state (a read, or a failed one)
 
     def state(self) -> dict:
         """The `/api/state` dict (see `swarm.dashboard.state.dashboard_state`)."""
+        return self.snapshot()[1]
+
+    def snapshot(self) -> tuple[int, dict]:
+        """(generation, state): the generation tells whether the state changed since a previous call."""
         with self._lock:  # one read at a time; concurrent callers get its result
             if time.monotonic() - self._read_at >= self.refresh_s:
                 self._refresh()
-            return self._state
+                self.generation += 1
+            return self.generation, self._state
 
     def metrics(self) -> str:
         """The `/metrics` text."""
