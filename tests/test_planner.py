@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from coordinator.planner import Plan, PeerSpec, PlannerConfig, plan, throughput_upper_bound
+from swarm.planner import Plan, PeerSpec, PlannerConfig, plan, throughput_upper_bound
 
 PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -30,6 +30,28 @@ def block_throughput(peers: list[PeerSpec], result: Plan) -> list[float]:
     return T
 
 
+def pinned_gaps(peers: list[PeerSpec], n: int) -> list[tuple[int, int]]:
+    """Maximal [start, end) runs of blocks that no pinned peer serves."""
+    held = {b for p in peers if p.pinned for b in range(*p.current)}
+    gaps: list[tuple[int, int]] = []
+    for b in range(n):
+        if b not in held:
+            if gaps and gaps[-1][1] == b:
+                gaps[-1] = (gaps[-1][0], b + 1)
+            else:
+                gaps.append((b, b + 1))
+    return gaps
+
+
+def coverage_guaranteed(peers: list[PeerSpec], n: int) -> bool:
+    """The documented guarantee: with G blocks in k gaps left by pinned peers and unpinned range lengths
+    L_1 >= L_2 >= ..., every block is covered if sum(L) - sum(L_j - 1 for the k - 1 longest) >= G."""
+    gaps = pinned_gaps(peers, n)
+    lengths = sorted((min(p.capacity_blocks, n) for p in peers if not p.pinned), reverse=True)
+    waste = sum(length - 1 for length in lengths[: max(0, len(gaps) - 1)])
+    return sum(lengths) - waste >= sum(e - s for s, e in gaps)
+
+
 def check_invariants(peers: list[PeerSpec], n: int, result: Plan) -> None:
     by_id = {p.peer_id: p for p in peers}
     assert set(result.assignments) | set(result.unassigned) == set(by_id)
@@ -39,15 +61,16 @@ def check_invariants(peers: list[PeerSpec], n: int, result: Plan) -> None:
         p = by_id[pid]
         assert isinstance(s, int) and isinstance(e, int)
         assert 0 <= s < e <= n, (pid, s, e)
-        assert e - s <= p.capacity_blocks
-        if p.current is None or pid in result.moved:
+        if p.pinned:  # anywhere, any length, capacity ignored; never moved
+            assert (s, e) == p.current and pid not in result.moved, "a pinned peer never moves"
+        elif p.current is None or pid in result.moved:
             assert e - s == min(p.capacity_blocks, n), "a (re)placed peer gets the longest range it can hold"
         else:
-            assert (s, e) == p.current
+            assert (s, e) == p.current and e - s <= p.capacity_blocks
         for b in range(s, e):
             covered[b] += 1
     for pid in result.unassigned:
-        assert by_id[pid].capacity_blocks == 0
+        assert by_id[pid].capacity_blocks == 0 and not by_id[pid].pinned
     expected_uncovered = []
     for b in range(n):
         if covered[b] == 0:
@@ -62,9 +85,19 @@ def check_invariants(peers: list[PeerSpec], n: int, result: Plan) -> None:
     assert set(result.moved) == {
         p.peer_id for p in peers if p.current is not None and result.assignments.get(p.peer_id) != p.current
     }
-    total = sum(min(p.capacity_blocks, n) for p in peers)
+    total = sum(p.current[1] - p.current[0] if p.pinned else min(p.capacity_blocks, n) for p in peers)
     assert result.total_capacity == total
-    if total >= n:
+    if any(p.pinned for p in peers):
+        gaps = pinned_gaps(peers, n)
+        if len(gaps) <= 1:  # one gap: the sweep fills it from the left, no block wasted until it is full
+            free = sum(e - s for s, e in gaps)
+            other = sum(min(p.capacity_blocks, n) for p in peers if not p.pinned)
+            assert sum(e - s for s, e in result.uncovered) == max(0, free - other), result.reason
+        if coverage_guaranteed(peers, n):
+            assert not result.uncovered, f"guaranteed coverage, but {result.uncovered} uncovered: {result.reason}"
+        if result.uncovered:
+            assert "pinned peers leave" in result.reason
+    elif total >= n:
         assert not result.uncovered, f"total capacity {total} >= {n} blocks but {result.uncovered} uncovered"
     else:
         # short on capacity: the plan covers as much as possible, no overlaps wasted
@@ -73,7 +106,10 @@ def check_invariants(peers: list[PeerSpec], n: int, result: Plan) -> None:
 
 
 def serving(peers: list[PeerSpec], result: Plan) -> list[PeerSpec]:
-    return [PeerSpec(p.peer_id, p.capacity_blocks, p.throughput, result.assignments.get(p.peer_id)) for p in peers]
+    return [
+        PeerSpec(p.peer_id, p.capacity_blocks, p.throughput, result.assignments.get(p.peer_id), pinned=p.pinned)
+        for p in peers
+    ]
 
 
 @st.composite
@@ -104,6 +140,26 @@ def serving_swarms(draw, joining_allowed: bool = False):
         length = draw(st.integers(1, min(p.capacity_blocks, n)))
         s = draw(st.integers(0, n - length))
         out.append(PeerSpec(p.peer_id, p.capacity_blocks, p.throughput, (s, s + length)))
+    return out, n
+
+
+@st.composite
+def pinned_swarms(draw, max_pinned: int = 3):
+    """1..max_pinned pinned peers (any range, any capacity) among unpinned peers that serve or join."""
+    peers, n = draw(swarms())
+    out = []
+    for p in peers:
+        if p.capacity_blocks and draw(st.booleans()):
+            length = draw(st.integers(1, min(p.capacity_blocks, n)))
+            s = draw(st.integers(0, n - length))
+            p = PeerSpec(p.peer_id, p.capacity_blocks, p.throughput, (s, s + length))
+        out.append(p)
+    for j in range(draw(st.integers(1, max_pinned))):
+        length = draw(st.one_of(st.integers(1, max(1, n // 3)), st.integers(1, n)))  # short ones leave gaps
+        s = draw(st.integers(0, n - length))
+        capacity = draw(st.integers(0, n + 2))  # unrelated to the range: the operator decided
+        throughput = draw(st.sampled_from([1.0, 3.0, 10.0]))
+        out.append(PeerSpec(f"pin{j}", capacity, throughput, (s, s + length), pinned=True))
     return out, n
 
 
@@ -263,6 +319,86 @@ def test_hysteresis_margin_threshold():
     assert "rebalanced" in eager.reason
 
 
+def test_pinned_peer_keeps_its_range_whatever_its_capacity():
+    # "p" is pinned on 5 blocks with capacity 0, "q" on 4 blocks with capacity 1: both serve, neither is checked
+    peers = [
+        PeerSpec("p", 0, 2.0, (2, 7), pinned=True),
+        PeerSpec("q", 1, 1.0, (4, 8), pinned=True),
+        PeerSpec("a", 8, 1.0),
+    ]
+    r = plan(peers, 8)
+    check_invariants(peers, 8, r)
+    assert r.assignments == {"a": (0, 8), "p": (2, 7), "q": (4, 8)}
+    assert r.unassigned == () and r.moved == ()
+    assert r.block_throughput == (1.0, 1.0, 3.0, 3.0, 4.0, 4.0, 4.0, 2.0)
+    assert r.total_capacity == 8 + 5 + 4
+    assert "2 pinned peer(s) kept on their fixed ranges" in r.reason
+
+
+def test_unpinned_peers_fill_the_gaps_between_pinned_ranges():
+    # pinned [3, 5) and [7, 8) leave [0, 3), [5, 7), [8, 10): exactly 3 + 2 + 2 blocks of capacity
+    peers = [
+        PeerSpec("pin-a", 2, 5.0, (3, 5), pinned=True),
+        PeerSpec("pin-b", 1, 5.0, (7, 8), pinned=True),
+        PeerSpec("x", 3, 1.0),
+        PeerSpec("y", 2, 1.0),
+        PeerSpec("z", 2, 1.0),
+    ]
+    r = plan(peers, 10)
+    check_invariants(peers, 10, r)
+    assert r.uncovered == ()
+    assert r.assignments["x"] == (0, 3) and sorted([r.assignments["y"], r.assignments["z"]]) == [(5, 7), (8, 10)]
+
+
+def test_long_range_goes_to_the_gap_it_fits():
+    # gaps [0, 2) and [4, 9). Filling left to right puts the 6-block peer on [0, 6) and leaves a block
+    # uncovered; the planner then also tries "most uncovered blocks anywhere": 6 on [3, 9), 2 on [0, 2).
+    peers = [PeerSpec("pin", 1, 1.0, (2, 4), pinned=True), PeerSpec("a", 6, 1.0), PeerSpec("b", 2, 1.0)]
+    r = plan(peers, 9)
+    assert r.uncovered == ()
+    assert r.assignments == {"a": (3, 9), "b": (0, 2), "pin": (2, 4)}
+
+
+def test_pinned_peer_never_moves_even_for_a_large_gain():
+    # as test_serving_peer_moves_for_a_large_gain ([20, 21, 1]; moving a gives +900%), but a is pinned: b moves
+    peers = [
+        PeerSpec("a", 2, 10.0, (0, 2), pinned=True),
+        PeerSpec("b", 2, 10.0, (0, 2)),
+        PeerSpec("c", 2, 1.0, (1, 3)),
+    ]
+    r = plan(peers, 3)
+    assert r.moved == ("b",) and r.assignments == {"a": (0, 2), "b": (1, 3), "c": (1, 3)}
+    # both pinned: nothing can lift block 2
+    both = [PeerSpec("b", 2, 10.0, (0, 2), pinned=True) if p.peer_id == "b" else p for p in peers]
+    r = plan(both, 3)
+    assert r.moved == () and r.bottleneck == 1.0
+
+
+def test_pinned_peers_are_not_moved_to_restore_coverage():
+    peers = [PeerSpec("a", 8, 1.0, (0, 4), pinned=True), PeerSpec("b", 8, 1.0, (0, 4), pinned=True)]
+    r = plan(peers, 8)
+    assert r.assignments == {"a": (0, 4), "b": (0, 4)} and r.uncovered == ((4, 8),)
+    assert (
+        "pinned peers leave 4 block(s) in 1 gap(s) and the other peers can hold 0 blocks; add peers with at "
+        "least 4 more blocks of capacity" in r.reason
+    )
+
+
+def test_capacity_that_cannot_fit_the_gaps_is_explained():
+    # gaps [0, 2) and [8, 10): 4 blocks, and one unpinned peer of 4 blocks, which is contiguous
+    peers = [PeerSpec("pin", 1, 1.0, (2, 8), pinned=True), PeerSpec("a", 4, 1.0)]
+    r = plan(peers, 10)
+    check_invariants(peers, 10, r)
+    assert sum(e - s for s, e in r.uncovered) == 2
+    assert "pinned peers leave 4 block(s) in 2 gap(s) and the other peers can hold 4 blocks" in r.reason
+    assert "do not fit into the gaps" in r.reason
+
+
+def test_throughput_upper_bound_counts_pinned_range_length():
+    peers = [PeerSpec("pin", 0, 3.0, (0, 2), pinned=True), PeerSpec("a", 9, 1.0)]
+    assert throughput_upper_bound(peers, 4) == (3.0 * 2 + 1.0 * 4) / 4
+
+
 def test_order_independence_small_example():
     peers = [PeerSpec(f"p{i}", 1 + i % 5, 1.0 + (i * 7) % 3) for i in range(12)]
     a = plan(peers, 10)
@@ -288,6 +424,9 @@ def test_order_independence_small_example():
         ([PeerSpec("a", 2.5, 1.0)], 5, r"capacity_blocks"),
         ([PeerSpec("a", True, 1.0)], 5, r"capacity_blocks"),
         ([PeerSpec("", 2, 1.0)], 5, r"peer_id must be a non-empty string"),
+        ([PeerSpec("a", 2, 1.0, pinned=True)], 5, r"peer 'a': a pinned peer must have its current range set"),
+        ([PeerSpec("a", 2, 1.0, (0, 2), pinned=1)], 5, r"pinned must be True or False, got 1"),
+        ([PeerSpec("a", 9, 1.0, (3, 6), pinned=True)], 5, r"\[3, 6\) is not a non-empty range inside \[0, 5\)"),
         (["a"], 5, r"PeerSpec"),
     ],
 )
@@ -317,7 +456,7 @@ def test_plan_is_frozen():
 
 def test_planner_is_pure_python_and_numpy():
     banned = ("torch", "hivemind", "transformers", "socket", "asyncio")
-    code = f"import sys, coordinator.planner; print(sorted(m for m in {banned!r} if m in sys.modules))"
+    code = f"import sys, swarm.planner; print(sorted(m for m in {banned!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -329,6 +468,21 @@ def test_ten_thousand_peers_is_fast_and_balanced():
     r = plan(peers, 80)
     elapsed = time.perf_counter() - t0
     assert not r.uncovered
+    assert r.bottleneck >= 0.9 * throughput_upper_bound(peers, 80)
+    assert elapsed < 5.0, f"planning 10,000 peers took {elapsed:.2f} s (target < 1 s on an idle machine)"
+
+
+def test_ten_thousand_peers_with_pinned_peers_is_fast():
+    rng = random.Random(1)
+    peers = [PeerSpec(f"p{i:05d}", rng.randint(4, 48), rng.uniform(500, 8000)) for i in range(9_900)]
+    for i in range(100):
+        s = rng.randint(0, 70)
+        peers.append(PeerSpec(f"pin{i:03d}", 0, rng.uniform(500, 8000), (s, s + rng.randint(1, 10)), pinned=True))
+    t0 = time.perf_counter()
+    r = plan(peers, 80)
+    elapsed = time.perf_counter() - t0
+    assert not r.uncovered and r.moved == ()
+    assert all(r.assignments[p.peer_id] == p.current for p in peers if p.pinned)
     assert r.bottleneck >= 0.9 * throughput_upper_bound(peers, 80)
     assert elapsed < 5.0, f"planning 10,000 peers took {elapsed:.2f} s (target < 1 s on an idle machine)"
 
@@ -432,3 +586,60 @@ def test_prop_arbitrary_current_ranges(case):
         assert r.bottleneck > 1.15 * min(before)
     if not all(covered) and sum(min(p.capacity_blocks, n) for p in peers) >= n:
         assert not r.uncovered
+
+
+# ----------------------------------------------------------------------------------------------- pinned peers
+
+
+@PROPS
+@given(pinned_swarms())
+def test_prop_pinned_invariants_and_coverage_guarantee(case):
+    # check_invariants: pinned peers on their ranges, never in `moved`; every block covered whenever
+    # coverage_guaranteed(); with at most one gap, exactly max(0, gap - capacity) blocks uncovered
+    peers, n = case
+    check_invariants(peers, n, plan(peers, n))
+
+
+@PROPS
+@given(pinned_swarms(), st.randoms(use_true_random=False))
+def test_prop_pinned_deterministic_and_order_independent(case, rnd):
+    peers, n = case
+    shuffled = list(peers)
+    rnd.shuffle(shuffled)
+    assert plan(peers, n) == plan(shuffled, n) == plan(peers, n)
+
+
+@PROPS
+@given(pinned_swarms())
+def test_prop_pinned_replanning_any_plan_moves_nothing(case):
+    peers, n = case
+    first = plan(peers, n)
+    again = plan(serving(peers, first), n)
+    assert again.moved == (), again.reason
+    assert again.assignments == first.assignments
+
+
+@PROPS
+@given(pinned_swarms(), st.lists(st.integers(0, 1000), max_size=4), st.integers(1, 20))
+def test_prop_pinned_peers_never_move_through_churn(case, leaving, capacity):
+    # unpinned peers leave one by one, then one joins; re-plan after each event from the previous plan
+    peers, n = case
+    now = serving(peers, plan(peers, n))
+    events = [("leave", k) for k in leaving] + [("join", capacity)]
+    for kind, k in events:
+        unpinned = [p for p in now if not p.pinned]
+        if kind == "leave" and unpinned:
+            gone = unpinned[k % len(unpinned)].peer_id
+            now = [p for p in now if p.peer_id != gone]
+        elif kind == "join":
+            now = now + [PeerSpec("joiner-zz", k, 7.0)]
+        before = [0.0] * n
+        for p in now:
+            for b in range(*(p.current or (0, 0))):
+                before[b] += p.throughput
+        r = plan(now, n)
+        check_invariants(now, n, r)
+        if r.moved and min(before) > 0 and all(p.current is not None for p in now):
+            # nothing was uncovered and nobody joined: a serving peer moves only for a gain above the margin
+            assert r.bottleneck > 1.15 * min(before)
+        now = serving(now, r)

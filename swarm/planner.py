@@ -2,7 +2,8 @@
 
 A pure, deterministic function (DESIGN.md §4): plain records in, a :class:`Plan` out. No I/O, no clock,
 no randomness, no torch. The coordinator calls it on the peer records it reads from the DHT; with no live
-coordinator, every peer calls it on the same records and gets the same answer.
+coordinator, every peer calls it on the same records and gets the same answer. That is why it lives in
+``swarm/``: ``peer`` and ``coordinator`` both depend on ``swarm`` and never on each other.
 
 Throughput model
 ----------------
@@ -15,11 +16,18 @@ throughput, so every peer gets a range as long as its capacity allows (capped at
 the bottleneck can never exceed ``sum(throughput_i * min(capacity_i, num_blocks)) / num_blocks``
 (:func:`throughput_upper_bound`).
 
+Pinned peers
+------------
+A peer with ``pinned=True`` serves the range its operator fixed (``--blocks``). It keeps ``current`` in
+every candidate plan, whatever its ``capacity_blocks`` says, counts its throughput on those blocks, and never
+appears in ``Plan.moved``. The other peers are planned around it.
+
 Algorithm
 ---------
-1. *Sticky plan.* Serving peers keep their current ranges. Joining peers are placed one at a time (longest
-   first, then fastest, then by peer id) on the window of their length that covers the most uncovered
-   blocks, then contains the weakest block, then has the smallest summed throughput, then starts first.
+1. *Sticky plan.* Serving (and pinned) peers keep their current ranges. Joining peers are placed one at a
+   time (longest first, then fastest, then by peer id) on the window of their length that covers the most
+   uncovered blocks, then contains the weakest block, then has the smallest summed throughput, then starts
+   first.
    If blocks are still uncovered, *repair moves* relocate peers whose every block is also held by another
    peer onto the first uncovered block.
 2. *Improved plan.* From the sticky plan, bounded local search: take the weakest block ``b``; among the
@@ -27,11 +35,19 @@ Algorithm
    move the one with the best ``min(range minimum after removal, minimum + throughput)`` onto the weakest
    window containing ``b``. Each move strictly raises the lexicographic pair (minimum, -blocks at the
    minimum), so the search terminates; ``PlannerConfig.improvement_budget`` bounds it further.
-3. *Fresh plan.* Step 1 then step 2 with every peer treated as joining, for up to three placement orders
-   (longest first; fastest first; most throughput x blocks first), keeping the best. Starting with every
-   block uncovered, each placement extends the covered prefix, so the fresh plan covers every block
-   whenever total capacity allows.
-4. *Hysteresis.* With no serving peers the result is the fresh plan. Otherwise the sticky plan stays unless
+3. *Fresh plan.* Pinned peers on their ranges, then step 1 and step 2 with every other peer treated as
+   joining, for up to three placement orders (longest first; fastest first; most throughput x blocks first),
+   keeping the best. While blocks are uncovered, a peer goes on the best window containing the *first*
+   uncovered block (a left-to-right sweep). With no pinned peers each placement extends the covered prefix,
+   so the fresh plan covers every block whenever total capacity allows. With pinned peers leaving ``G``
+   blocks in ``k`` gaps, a placement covering a block already served ends the gap the sweep is in, so at
+   most ``k - 1`` placements waste blocks before everything is covered, each fewer than its length: every
+   block is covered whenever ``sum(L) - sum(L_j - 1 for the k - 1 longest L_j) >= G`` (``L``: the other
+   peers' range lengths), which for ``k = 1`` is exactly "capacity allows". For ``k >= 2``, whether ranges
+   of given lengths can fill the gaps at all is bin covering (NP-hard), so no fast planner promises more;
+   when the sweep falls short, the same order is also placed on the most uncovered blocks anywhere, and the
+   pass covering more is kept (it fits a long range into a long gap that the sweep spent on a short one).
+4. *Hysteresis.* With no unpinned serving peers the result is the fresh plan. Otherwise the sticky plan stays unless
    (a) a candidate (improved or fresh) covers more blocks: the cheapest such plan is taken; or (b) some
    candidate raises the bottleneck by more than ``hysteresis_margin``: then, among the candidates reaching
    ``near_best_fraction`` of the best gain, the one reloading the fewest blocks is taken, if it beats the
@@ -61,6 +77,9 @@ class PeerSpec:
     capacity_blocks: int  # blocks; how many blocks fit in the peer's memory (0: it can serve none)
     throughput: float  # tokens/s through ONE block; the peer adds this to every block of its range
     current: tuple[int, int] | None = None  # blocks, half-open [start, end) served now; None while joining
+    # the operator fixed this peer's range with --blocks: it serves `current` (required) in every plan and is
+    # never moved; any range inside the model is allowed and capacity_blocks is not checked against it
+    pinned: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,16 +104,17 @@ class PlannerConfig:
 
 @dataclass(frozen=True)
 class Plan:
-    """The planner's answer. Every peer with capacity >= 1 gets a range; others are listed in `unassigned`."""
+    """The planner's answer. Every pinned peer and every peer with capacity >= 1 gets a range; others are listed
+    in `unassigned`."""
 
     num_blocks: int  # blocks; the model's block count the plan was made for
     assignments: dict[str, tuple[int, int]]  # peer_id -> blocks [start, end); sorted by peer_id
     uncovered: tuple[tuple[int, int], ...]  # blocks; maximal [start, end) intervals no peer serves
     bottleneck: float  # tokens/s; min over blocks of the summed throughput of their peers (0 if uncovered)
-    total_capacity: int  # blocks; sum over peers of min(capacity, num_blocks)
+    total_capacity: int  # blocks; sum over peers of min(capacity, num_blocks) (pinned: their range length)
     block_throughput: tuple[float, ...]  # tokens/s per block; summed throughput of the peers serving it
-    moved: tuple[str, ...]  # peer ids of serving peers whose range changed (each costs a reload); sorted
-    unassigned: tuple[str, ...]  # peer ids given no range (capacity 0); sorted
+    moved: tuple[str, ...]  # ids of serving peers whose range changed (each costs a reload); sorted; never pinned
+    unassigned: tuple[str, ...]  # peer ids given no range (capacity 0, not pinned); sorted
     reason: str  # why the plan looks as it does: which candidate won, and why blocks are uncovered
 
     def explain(self) -> str:
@@ -115,9 +135,17 @@ class Plan:
 
 
 def throughput_upper_bound(peers: Sequence[PeerSpec], num_blocks: int) -> float:
-    """tokens/s; no plan's bottleneck can exceed sum(throughput * min(capacity, num_blocks)) / num_blocks."""
+    """tokens/s; no plan's bottleneck can exceed sum(throughput * blocks) / num_blocks, where blocks is
+    min(capacity, num_blocks), or the range length of a pinned peer."""
     _validate(peers, num_blocks, PlannerConfig())
-    return sum(p.throughput * min(p.capacity_blocks, num_blocks) for p in peers) / num_blocks
+    return sum(p.throughput * _length(p, num_blocks) for p in peers) / num_blocks
+
+
+def _length(p: PeerSpec, num_blocks: int) -> int:
+    """blocks; the length of the range the peer gets in any plan."""
+    if p.pinned:
+        return p.current[1] - p.current[0]  # type: ignore[index]
+    return min(p.capacity_blocks, num_blocks)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -161,6 +189,13 @@ def _validate(peers: Sequence[PeerSpec], num_blocks: int, config: PlannerConfig)
                 f"peer {p.peer_id!r}: throughput must be a finite number > 0 tokens/s, got {t!r} "
                 "(measure it before planning)"
             )
+        if not isinstance(p.pinned, bool):
+            raise ValueError(f"peer {p.peer_id!r}: pinned must be True or False, got {p.pinned!r}")
+        if p.pinned and p.current is None:
+            raise ValueError(
+                f"peer {p.peer_id!r}: a pinned peer must have its current range set (the blocks its operator "
+                "fixed with --blocks); pass it with current=(start, end), or unpinned to let the planner place it"
+            )
         if p.current is not None:
             cur = p.current
             if not isinstance(cur, tuple) or len(cur) != 2 or not all(_is_int(x) for x in cur):
@@ -173,7 +208,7 @@ def _validate(peers: Sequence[PeerSpec], num_blocks: int, config: PlannerConfig)
                     f"peer {p.peer_id!r}: current range [{s}, {e}) is not a non-empty range inside "
                     f"[0, {num_blocks}) (the model has {num_blocks} blocks)"
                 )
-            if e - s > p.capacity_blocks:
+            if not p.pinned and e - s > p.capacity_blocks:
                 raise ValueError(
                     f"peer {p.peer_id!r}: current range [{s}, {e}) holds {e - s} blocks but capacity is "
                     f"{p.capacity_blocks} blocks; announce the capacity it really has"
@@ -185,14 +220,16 @@ def _validate(peers: Sequence[PeerSpec], num_blocks: int, config: PlannerConfig)
 
 
 class _State:
-    """Mutable working placement. Index i refers to the i-th capable peer in peer_id order."""
+    """Mutable working placement. Index i is the i-th peer that gets a range (pinned, or capacity >= 1), by
+    peer_id."""
 
-    __slots__ = ("n", "t", "full", "start", "length", "T", "C", "missing", "tol")
+    __slots__ = ("n", "t", "full", "movable", "start", "length", "T", "C", "missing", "tol")
 
-    def __init__(self, n: int, t: np.ndarray, full: np.ndarray, tol: float) -> None:
+    def __init__(self, n: int, t: np.ndarray, full: np.ndarray, movable: np.ndarray, tol: float) -> None:
         self.n = n  # blocks
         self.t = t  # (peers,) tokens/s per block
-        self.full = full  # (peers,) blocks; min(capacity, n)
+        self.full = full  # (peers,) blocks; min(capacity, n), or the range length of a pinned peer
+        self.movable = movable  # (peers,) bool; False for pinned peers (never placed, moved or removed)
         self.start = np.full(len(t), -1, dtype=np.int64)  # (peers,) -1 = not placed
         self.length = full.copy()  # (peers,) blocks; length of the placed range
         self.T = np.zeros(n)  # (blocks,) tokens/s
@@ -202,7 +239,7 @@ class _State:
 
     def copy(self) -> "_State":
         other = _State.__new__(_State)
-        other.n, other.t, other.full, other.tol = self.n, self.t, self.full, self.tol
+        other.n, other.t, other.full, other.movable, other.tol = self.n, self.t, self.full, self.movable, self.tol
         other.start, other.length = self.start.copy(), self.length.copy()
         other.T, other.C, other.missing = self.T.copy(), self.C.copy(), self.missing
         return other
@@ -243,9 +280,15 @@ class _State:
         wsum = win[cand].sum(axis=1)  # (candidates,)
         return lo + int(cand[int(np.argmax(wsum <= wsum.min() + self.tol * length))])
 
-    def place(self, i: int) -> None:
+    def place(self, i: int, sweep: bool = False) -> None:
+        """Put peer i on the best window of its full length; with `sweep`, while blocks are uncovered, only
+        windows containing the first uncovered block qualify (fills gaps left to right, see the docstring)."""
         length = int(self.full[i])
-        self.add(i, self.best_window(length, 0, self.n - length), length)
+        lo, hi = 0, self.n - length
+        if sweep and self.missing:
+            b0 = int(np.argmax(self.C == 0))
+            lo, hi = max(0, b0 - length + 1), min(b0, hi)
+        self.add(i, self.best_window(length, lo, hi), length)
 
 
 def _windows(values: np.ndarray, length: int, lo: int, hi: int) -> np.ndarray:
@@ -299,7 +342,7 @@ def _improve(st: _State, max_moves: int, repair_only: bool) -> int:
             m = float(st.T.min())
             b = int(np.argmax(st.T <= m + st.tol))
             ok = slack > m + st.tol  # leaving keeps its blocks above the minimum
-        ok &= placed & ~((s <= b) & (b < s + length))
+        ok &= placed & st.movable & ~((s <= b) & (b < s + length))
         if not ok.any():
             break
         score = np.where(ok, np.minimum(slack, m + st.t), -np.inf)
@@ -345,49 +388,73 @@ def _bottleneck(st: _State) -> float:
 def plan(peers: Sequence[PeerSpec], num_blocks: int, config: PlannerConfig = PlannerConfig()) -> Plan:
     """Assign each peer a contiguous block range [start, end) of a `num_blocks`-block model.
 
+    Pinned peers keep their current range in every plan (see :class:`PeerSpec`).
+
     Raises ValueError (with the offending numbers) on nonsensical input: num_blocks <= 0, negative
     capacity, non-positive or non-finite throughput, duplicate peer ids, a current range outside
-    [0, num_blocks) or longer than the peer's capacity.
+    [0, num_blocks) or (unless pinned) longer than the peer's capacity, a pinned peer without a current range.
     """
     _validate(peers, num_blocks, config)
     n = num_blocks
     ordered = sorted(peers, key=lambda p: p.peer_id)
-    capable = [p for p in ordered if p.capacity_blocks > 0]
-    unassigned = tuple(p.peer_id for p in ordered if p.capacity_blocks == 0)
-    total_capacity = sum(min(p.capacity_blocks, n) for p in capable)
+    capable = [p for p in ordered if p.pinned or p.capacity_blocks > 0]  # the peers that get a range
+    unassigned = tuple(p.peer_id for p in ordered if not p.pinned and p.capacity_blocks == 0)
 
     t = np.array([float(p.throughput) for p in capable], dtype=np.float64)
-    full = np.array([min(p.capacity_blocks, n) for p in capable], dtype=np.int64)
+    full = np.array([_length(p, n) for p in capable], dtype=np.int64)
+    movable = np.array([not p.pinned for p in capable], dtype=bool)
+    pinned = [i for i, p in enumerate(capable) if p.pinned]
+    total_capacity = int(full.sum())
     tol = 1e-9 * float(t.sum()) if len(t) else 0.0
     max_moves = config.improvement_budget // max(1, len(capable))
-    # placement orders; the first also orders joining peers in a sticky plan. Ties go to peer_id.
-    idx = np.arange(len(capable))
-    orders = [np.lexsort((idx, -t, -full))]  # longest range first, then fastest
-    if len(capable) <= config.multi_order_max_peers:
-        orders.append(np.lexsort((idx, -full, -t)))  # fastest first, then longest
-        orders.append(np.lexsort((idx, -t, -t * full)))  # most throughput x blocks first
+    # placement orders of the unpinned peers; the first also orders joining peers in a sticky plan.
+    # Ties go to peer_id.
+    idx = np.flatnonzero(movable)
+    tm, fm = t[idx], full[idx]
+    orders = [idx[np.lexsort((idx, -tm, -fm))]]  # longest range first, then fastest
+    if len(idx) <= config.multi_order_max_peers:
+        orders.append(idx[np.lexsort((idx, -fm, -tm))])  # fastest first, then longest
+        orders.append(idx[np.lexsort((idx, -tm, -tm * fm))])  # most throughput x blocks first
     order = orders[0]
+
+    def empty() -> _State:
+        """A placement holding only the pinned peers, on their ranges."""
+        st = _State(n, t, full, movable, tol)
+        for i in pinned:
+            s, e = capable[i].current  # type: ignore[misc]
+            st.add(i, s, e - s)
+        return st
+
+    def greedy(o: np.ndarray, sweep: bool) -> _State:
+        st = empty()
+        for i in o.tolist():
+            st.place(i, sweep=sweep)
+        _improve(st, max_moves, repair_only=False)
+        return st
 
     def fresh() -> _State:
         best = None
         for o in orders:
-            st = _State(n, t, full, tol)
-            for i in o.tolist():
-                st.place(i)
-            _improve(st, max_moves, repair_only=False)
+            st = greedy(o, sweep=True)
+            if st.missing and pinned:
+                # the sweep is what guarantees coverage (module docstring), but it can waste a long range on
+                # a short gap; placing on the most uncovered blocks anywhere sometimes fits where it did not
+                other = greedy(o, sweep=False)
+                if _covered(other) > _covered(st):
+                    st = other
             # keep the first order that reaches the best (coverage, bottleneck): deterministic
             if best is None or (_covered(st), _bottleneck(st)) > (_covered(best), _bottleneck(best) + tol):
                 best = st
         return best  # type: ignore[return-value]
 
-    serving = [i for i, p in enumerate(capable) if p.current is not None]
+    serving = [i for i, p in enumerate(capable) if p.current is not None and not p.pinned]
     joining = [i for i in order.tolist() if capable[i].current is None]
 
     if not serving:
         st = fresh()
-        reason = f"no serving peers: fresh plan for {len(capable)} joining peer(s)"
+        reason = f"no serving peers: fresh plan for {len(joining)} joining peer(s)"
     else:
-        sticky = _State(n, t, full, tol)
+        sticky = empty()
         for i in serving:
             s, e = capable[i].current  # type: ignore[misc]
             sticky.add(i, s, e - s)
@@ -455,21 +522,44 @@ def plan(peers: Sequence[PeerSpec], num_blocks: int, config: PlannerConfig = Pla
                         f"worth its extra moves"
                     )
 
+    if pinned:
+        reason += f"; {len(pinned)} pinned peer(s) kept on their fixed ranges"
     assignments: dict[str, tuple[int, int]] = {}
     moved = []
     for i, p in enumerate(capable):
         s = int(st.start[i])
         rng = (s, s + int(st.length[i]))
         assignments[p.peer_id] = rng
-        if p.current is not None and tuple(p.current) != rng:
+        if p.pinned:
+            if rng != tuple(p.current):  # type: ignore[arg-type]
+                raise RuntimeError(f"planner bug: pinned peer {p.peer_id!r} moved from {p.current} to {rng}")
+        elif p.current is not None and tuple(p.current) != rng:
             moved.append(p.peer_id)
     uncovered = _intervals(st.C == 0)
     if uncovered:
         missing = sum(e - s for s, e in uncovered)
-        reason += (
-            f"; blocks {_fmt(uncovered)} uncovered ({missing} block(s)): total capacity is {total_capacity} "
-            f"blocks for {n} blocks; add peers with at least {n - total_capacity} more blocks of capacity"
-        )
+        reason += f"; blocks {_fmt(uncovered)} uncovered ({missing} block(s)): "
+        if not pinned:
+            reason += (
+                f"total capacity is {total_capacity} blocks for {n} blocks; add peers with at least "
+                f"{n - total_capacity} more blocks of capacity"
+            )
+        else:
+            pinned_only = empty()
+            gaps = _intervals(pinned_only.C == 0)
+            free = sum(e - s for s, e in gaps)
+            other = int(full[movable].sum())
+            reason += (
+                f"pinned peers leave {free} block(s) in {len(gaps)} gap(s) and the other peers can hold "
+                f"{other} blocks; "
+            )
+            if other < free:
+                reason += f"add peers with at least {free - other} more blocks of capacity"
+            else:
+                reason += (
+                    "their contiguous ranges do not fit into the gaps; add peers able to hold each uncovered "
+                    "run, or restart a pinned peer without --blocks"
+                )
     return Plan(
         num_blocks=n,
         assignments=assignments,
