@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import signal
@@ -18,15 +19,21 @@ from pathlib import Path
 
 import torch
 
+from peer.capacity import InsufficientMemory, block_footprint, capacity_blocks, shortage_message
 from peer.handler import StepHandler
 from peer.loader import load_blocks
 from peer.resources import probe_device
 from peer.runner import BlockRunner, RunnerLimits
+from peer.throughput import cache_key as throughput_cache_key
+from peer.throughput import cached_or_measure
 from swarm import __version__
+from swarm.assignment import make_plan
+from swarm.protocol import ProtocolError, error_to_wire
 from swarm.records import PeerRecord, model_key
-from swarm.registry import announce_peer, local_peer_id, make_dht, withdraw_peer
+from swarm.registry import announce_peer, get_peers, local_peer_id, make_dht, read_control
 from swarm.rpc import BlockService
-from swarm.splitting import read_config_json
+from swarm.splitting import load_config, read_config_json
+from swarm.wire import encode_message
 
 logger = logging.getLogger(__name__)
 
@@ -37,97 +44,148 @@ class PeerConfig:
 
     model: str  # local directory or hub id
     initial_peers: list[str] = field(default_factory=list)  # multiaddrs of DHT nodes to join
-    blocks: tuple[int, int] | None = None  # [start, end) to serve; None: follow the coordinator's plan
+    blocks: tuple[int, int] | None = None  # [start, end) to serve (pinned); None: follow the plan
     device: str = "cpu"  # torch device
     dtype: str = "float32"  # weights' dtype: float32, float16, bfloat16
     max_memory: int | None = None  # bytes this peer may use; None: all free memory
+    cache_tokens: int = 8192  # KV-cache budget, tokens (sequences x length) the peer reserves memory for
+    activation_reserve: int = 256 * 2**20  # bytes kept free for activations of a step
     host: str = "127.0.0.1"  # interface to listen on ("0.0.0.0": all)
     port: int = 0  # TCP port; 0: any free port
     announce_maddrs: list[str] = field(default_factory=list)  # addresses other machines should dial
     public_name: str = ""  # shown on the dashboard
     identity_path: str | None = None  # libp2p key file, for a stable peer id across restarts
     announce_period_s: float = 30.0  # refresh of the DHT record
+    plan_check_s: float = 5.0  # how often a peer that follows the plan looks for a new one
+    drain_timeout_s: float = 30.0  # before moving to a new range, wait this long for open sessions to end
     attn_implementation: str | None = None  # transformers attention implementation; None: its default
     num_threads: int | None = None  # torch CPU threads; None: torch's default (all cores)
     use_auto_relay: bool = False  # behind NAT: be reachable through relay nodes
+    throughput_cache_dir: str | None = None  # where measured throughput is cached; None: ~/.cache/swarm
     limits: RunnerLimits = field(default_factory=RunnerLimits)
 
 
+class NotServing(ProtocolError):
+    """The peer has no blocks loaded right now (joining, or moving to a new range)."""
+
+
 class PeerServer:
+    """A peer's whole lifecycle: size itself, join, get a range (pinned, planned, or self-planned), serve, move, leave."""
+
     def __init__(self, config: PeerConfig):
         self.config = config
+        self.dtype = getattr(torch, config.dtype)
         self.dht = None
         self.runner: BlockRunner | None = None
+        self.handler: StepHandler | None = None
+        self.state = "joining"
         self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarm-compute")
         self._stopping: asyncio.Event | None = None
 
     # ---- backend for swarm.rpc.BlockService ----------------------------------------------------------
 
     async def step(self, data: bytes, owner: str) -> bytes:
-        return await asyncio.get_running_loop().run_in_executor(self._compute, self.handler.step, data, owner)
+        handler = self.handler
+        if handler is None:
+            return encode_message(error_to_wire(NotServing(f"peer is {self.state} and serves no blocks right now")))
+        return await asyncio.get_running_loop().run_in_executor(self._compute, handler.step, data, owner)
 
     async def close_session(self, session_id: str, owner: str) -> bool:
+        runner = self.runner
+        if runner is None:
+            return False
         try:
-            return self.runner.close_session(session_id, owner)
+            return runner.close_session(session_id, owner)
         except ValueError:
             return False
 
     async def info(self) -> dict:
+        runner = self.runner
         return {
             "model": self.config.model,
             "model_key": self.model_key,
-            "start": self.runner.start,
-            "end": self.runner.end,
-            "num_blocks": self.num_blocks,
+            "state": self.state,
+            "start": runner.start if runner else None,
+            "end": runner.end if runner else None,
+            "num_blocks": self.footprint.num_blocks,
             "dtype": self.config.dtype,
             "device": self.config.device,
-            "attn_implementation": self.runner.attn_implementation,
-            "sessions": self.runner.num_sessions,
+            "attn_implementation": runner.attn_implementation if runner else None,
+            "sessions": runner.num_sessions if runner else 0,
             "version": __version__,
         }
 
-    # ---- lifecycle -------------------------------------------------------------------------------------
+    # ---- sizing ----------------------------------------------------------------------------------------
 
-    def load(self) -> None:
+    def prepare(self) -> None:
+        """Read the config, size one block on the meta device, measure (or recall) throughput."""
         cfg = self.config
-        if cfg.blocks is None:
-            raise ValueError("--blocks A:B is required until the coordinator assigns ranges")
         self.config_json = read_config_json(cfg.model)
         self.model_key = model_key(cfg.model, self.config_json)
-        start, end = cfg.blocks
-        loaded = load_blocks(
-            cfg.model, start, end, dtype=getattr(torch, cfg.dtype), device=cfg.device,
-            attn_implementation=cfg.attn_implementation,
+        self.footprint = block_footprint(load_config(cfg.model), self.dtype)
+        self.memory = probe_device(cfg.device, cfg.max_memory)
+        self.capacity = capacity_blocks(self.memory.free_bytes, self.footprint, cfg.cache_tokens, cfg.activation_reserve)
+        if self.capacity < 1:
+            raise InsufficientMemory(self._shortage(1))
+        if cfg.blocks is not None:
+            start, end = cfg.blocks
+            if end > self.footprint.num_blocks:
+                raise ValueError(f"--blocks {start}:{end} is outside the model's {self.footprint.num_blocks} blocks")
+            if end - start > self.capacity:
+                raise InsufficientMemory(self._shortage(end - start))
+        self.throughput = cached_or_measure(
+            throughput_cache_key(self.model_key, self.memory.name, cfg.dtype),
+            lambda: self._load(0, 1).blocks[0],
+            torch.device(cfg.device), self.dtype,
+            Path(cfg.throughput_cache_dir) if cfg.throughput_cache_dir else None,
         )
-        self.num_blocks = loaded.layout.num_blocks
-        self.runner = BlockRunner(loaded, cfg.limits)
-        self.handler = StepHandler(self.runner)
 
-    def record(self, state: str = "online") -> PeerRecord:
+    def _shortage(self, blocks: int) -> str:
+        cfg = self.config
+        return shortage_message(blocks, self.memory.free_bytes, self.footprint, cfg.cache_tokens, cfg.activation_reserve, cfg.dtype)
+
+    def _load(self, start: int, end: int):
+        cfg = self.config
+        return load_blocks(cfg.model, start, end, dtype=self.dtype, device=cfg.device, attn_implementation=cfg.attn_implementation)
+
+    def _serve_range(self, start: int, end: int) -> None:
+        limits = dataclasses.replace(self.config.limits, max_cache_tokens=self.config.cache_tokens)
+        runner = BlockRunner(self._load(start, end), limits)
+        self.runner, self.handler = runner, StepHandler(runner)
+
+    def record(self) -> PeerRecord:
         mem = probe_device(self.config.device, self.config.max_memory)
+        runner = self.runner
+        blocks = (runner.start, runner.end) if runner is not None and self.state != "joining" else (None, None)
         return PeerRecord.build(
             peer_id=self.peer_id,
-            state=state,
-            start_block=self.runner.start,
-            end_block=self.runner.end,
-            num_blocks=self.num_blocks,
+            state=self.state,
+            start_block=blocks[0],
+            end_block=blocks[1],
+            num_blocks=self.footprint.num_blocks,
             device_kind=mem.kind,
             device_name=mem.name[:128],
             dtype=self.config.dtype,
             free_memory_bytes=mem.free_bytes,
             total_memory_bytes=mem.total_bytes,
-            free_cache_tokens=self.runner.free_cache_tokens,
-            active_sessions=self.runner.num_sessions,
+            capacity_blocks=self.capacity,
+            throughput=self.throughput.decode,
+            prefill_throughput=self.throughput.prefill,
+            free_cache_tokens=runner.free_cache_tokens if runner else 0,
+            active_sessions=runner.num_sessions if runner else 0,
             software_version=__version__,
             public_name=self.config.public_name[:64],
             addrs=[str(a) for a in self.dht.get_visible_maddrs()][:16],
+            pinned=self.config.blocks is not None,
         )
 
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
     def run(self) -> None:
-        """Load, serve until SIGTERM/SIGINT, then leave cleanly."""
+        """Size, join, serve until SIGTERM/SIGINT, then leave cleanly."""
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
-        self.load()
+        self.prepare()
         from swarm.aio import new_event_loop
 
         loop = new_event_loop()
@@ -155,7 +213,20 @@ class PeerServer:
             p2p = await self.dht.replicate_p2p()
             service = BlockService(backend=self)
             await service.add_p2p_handlers(p2p)
-            await asyncio.to_thread(self._announce, "online")
+            if cfg.blocks is not None:
+                await asyncio.to_thread(self._serve_range, *cfg.blocks)
+                self.state = "online"
+            await asyncio.to_thread(self._announce)
+            if cfg.blocks is None:
+                print(f"swarm peer joining: capacity {self.capacity} blocks, waiting for a range", flush=True)
+                while self.runner is None and not self._stopping.is_set():
+                    target = await asyncio.to_thread(self._assignment)
+                    if target is not None:
+                        await self._move(target)
+                    else:
+                        await self._sleep(min(cfg.plan_check_s, 1.0))
+            if self._stopping.is_set():
+                return
             print(
                 "swarm peer ready " + json.dumps({
                     "peer_id": self.peer_id, "blocks": [self.runner.start, self.runner.end],
@@ -163,24 +234,72 @@ class PeerServer:
                 }),
                 flush=True,
             )
+            next_announce = loop.time() + cfg.announce_period_s
             while not self._stopping.is_set():
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), cfg.announce_period_s)
-                except asyncio.TimeoutError:
+                await self._sleep(min(cfg.plan_check_s, cfg.announce_period_s))
+                if self._stopping.is_set():
+                    break
+                if cfg.blocks is None:
+                    target = await asyncio.to_thread(self._assignment)
+                    if target is not None and target != (self.runner.start, self.runner.end):
+                        await self._move(target)
+                        next_announce = loop.time() + cfg.announce_period_s
+                        continue
+                if loop.time() >= next_announce:
                     self.runner.expire_sessions()
-                    await asyncio.to_thread(self._announce, "online")
+                    await asyncio.to_thread(self._announce)
+                    next_announce = loop.time() + cfg.announce_period_s
             logger.info("leaving: announcing draining")
-            await asyncio.to_thread(self._withdraw)
-            await service.remove_p2p_handlers(p2p)
+            self.state = "draining"
+            # bounded: on Ctrl-C the terminal signals the whole process group, p2p daemons included,
+            # and calls through a dead daemon would hang
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self._announce), 5)
+                await asyncio.wait_for(service.remove_p2p_handlers(p2p), 2)
+            except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - leaving anyway
+                logger.info("could not announce leaving cleanly: %r", exc)
         finally:
             self._compute.shutdown(wait=False, cancel_futures=True)
             self.dht.shutdown()
 
-    def _announce(self, state: str) -> None:
-        expiration = max(2 * self.config.announce_period_s, 10.0)
-        if not announce_peer(self.dht, self.model_key, self.record(state), expiration, model_name=self.config.model):
-            logger.warning("no DHT node accepted this peer's record; is --initial-peers right?")
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
 
-    def _withdraw(self) -> None:
+    def _assignment(self) -> tuple[int, int] | None:
+        """The range this peer should serve: the live coordinator's plan, or our own plan when none is alive."""
+        control = read_control(self.dht, self.model_key)
+        if control.lease is not None:
+            if control.plan is not None and self.peer_id in control.plan.assignments:
+                return tuple(control.plan.assignments[self.peer_id])
+            return None  # a coordinator is alive but has not placed us yet
+        records = get_peers(self.dht, self.model_key)
+        records[self.peer_id] = self.record()  # our own view of ourselves is the freshest
+        return make_plan(records.values(), self.footprint.num_blocks).assignments.get(self.peer_id)
+
+    async def _move(self, target: tuple[int, int]) -> None:
+        """Serve `target` instead of the current range: stop taking sessions, let open ones finish, reload.
+
+        While moving, the peer announces itself as `joining` (not `draining`, which means leaving): clients
+        open no new sessions on it, and planners still count it, so they do not re-plan around it.
+        """
+        cfg = self.config
+        if self.runner is not None:
+            logger.info("moving from %d:%d to %d:%d", self.runner.start, self.runner.end, *target)
+            self.state = "joining"
+            await asyncio.to_thread(self._announce)
+            deadline = asyncio.get_running_loop().time() + cfg.drain_timeout_s
+            while self.runner.num_sessions and asyncio.get_running_loop().time() < deadline:
+                await self._sleep(0.5)
+            self.runner, self.handler = None, None
+        await asyncio.to_thread(self._serve_range, *target)
+        self.state = "online"
+        await asyncio.to_thread(self._announce)
+        print(f"swarm peer serving {target[0]}:{target[1]}", flush=True)
+
+    def _announce(self) -> None:
         expiration = max(2 * self.config.announce_period_s, 10.0)
-        withdraw_peer(self.dht, self.model_key, self.record("draining"), expiration)
+        if not announce_peer(self.dht, self.model_key, self.record(), expiration, model_name=self.config.model):
+            logger.warning("no DHT node accepted this peer's record; is --initial-peers right?")

@@ -42,6 +42,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -321,6 +322,7 @@ class PeerRecord(Record):
     software_version: SoftwareVersion = ""  # swarm release, e.g. "0.1.0"
     public_name: PublicName = ""  # shown on the dashboard; free text
     addrs: Annotated[list[Multiaddr], BeforeValidator(_seq_as_list), _at_most(MAX_ADDRS)] = []  # multiaddrs
+    pinned: StrictBool = False  # the range was chosen by the peer's operator (--blocks): planners keep it as is
     updated_at: DhtTime = 0.0  # DHT time (hivemind.utils.get_dht_time) when announced
 
 

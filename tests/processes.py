@@ -53,17 +53,24 @@ class Proc:
                 return line
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        """Signal the process itself (as `kill PID` would), then SIGKILL whatever is left of its group
+        (hivemind's p2p daemons): signalling the whole group first would kill the daemons before the
+        process could announce that it is leaving."""
+        code = self.popen.returncode
         if self.popen.poll() is None:
             try:
-                os.killpg(self.popen.pid, sig)
+                os.kill(self.popen.pid, sig)
             except ProcessLookupError:
                 pass
             try:
-                return self.popen.wait(timeout)
+                code = self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                return self.popen.wait(5)
-        return self.popen.returncode
+                code = None
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return code if code is not None else self.popen.wait(5)
 
     @property
     def alive(self) -> bool:
