@@ -104,8 +104,22 @@ def _close_quietly(router: Router, session: ClientSession) -> None:
 
 
 def advance_length_only(cache, layer_idx: int, hidden: torch.Tensor) -> None:
-    """Grow the client's cache for one layer by the step's tokens, with meta tensors (zero bytes)."""
+    """Grow the client's cache for one layer by the step's tokens, with meta tensors (zero bytes).
+
+    The cache's own `update` keeps every layer type right (sliding windows crop, lengths accumulate).
+    For the plain `DynamicLayer`, whose update is a concatenation, the result is written directly:
+    concatenating meta tensors runs torch's Python reference implementation (~0.1 ms a call), which
+    on the per-token path costs more than a whole small block.
+    """
+    from transformers.cache_utils import DynamicLayer
+
     batch, seq = hidden.shape[0], hidden.shape[1] if hidden.ndim > 2 else 1
+    layers = getattr(cache, "layers", None)
+    layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+    if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.device.type == "meta" and layer.keys.ndim == 4:
+        length = layer.keys.shape[-2] + seq
+        layer.keys = layer.values = torch.empty((batch, 1, length, 1), device="meta")
+        return
     kv = torch.empty((batch, 1, seq, 1), device="meta")
     cache.update(kv, kv, layer_idx)
 
