@@ -13,7 +13,7 @@ import sys
 
 from swarm import __version__
 
-SUBCOMMANDS = ["cli.dht", "cli.run_peer", "cli.run_coordinator", "cli.status", "cli.generate", "cli.dashboard"]
+SUBCOMMANDS = ["cli.demo", "cli.dht", "cli.run_peer", "cli.run_coordinator", "cli.status", "cli.generate", "cli.dashboard"]
 
 
 def build_parser() -> argparse.ArgumentParser:
