@@ -15,11 +15,15 @@ import torch
 from torch import nn
 
 from peer.loader import LoadedBlocks
-from swarm.protocol import ProtocolError, StepRequest, StepResponse
+from swarm.protocol import ProtocolError, RequestRefused, StepRequest, StepResponse
 from swarm.wire import CacheRef
 
+# Cache classes a session may ask for: built empty from the model config, growing with what is stored.
+# (StaticCache and friends preallocate their full length up front: not a thing to build on request.)
+CACHE_CLASSES = ("DynamicCache",)
 
-class SessionError(ProtocolError):
+
+class SessionError(RequestRefused):
     """Unknown, foreign or over-budget session."""
 
 
@@ -43,6 +47,12 @@ class Session:
     cache: object  # a transformers Cache of the model's own class
     last_used: float = field(default_factory=time.monotonic)
     tokens: int = 0  # batch x length this session's cache holds, counted against the KV budget
+    reserved: int = 0  # batch x max_length the client announced at opening, held against the KV budget
+
+    @property
+    def charged(self) -> int:
+        """Token slots this session counts against the KV budget."""
+        return max(self.tokens, self.reserved)
 
 
 class BlockRunner:
@@ -87,7 +97,15 @@ class BlockRunner:
                     f"client has {mine} open sessions on this peer (limit {self.limits.max_sessions_per_client}); "
                     "close finished sessions"
                 )
-            session = Session(req.session_id, owner, self._new_cache(req.cache_class), now)
+            reserved = req.hidden.shape[0] * req.max_length if req.max_length is not None else 0
+            used = sum(s.charged for s in self._sessions.values())
+            if used + reserved > self.limits.max_cache_tokens:
+                raise SessionError(
+                    f"KV cache budget exhausted: a session of {req.hidden.shape[0]} x {req.max_length} tokens needs "
+                    f"{reserved} token slots, {max(0, self.limits.max_cache_tokens - used)} of "
+                    f"{self.limits.max_cache_tokens} are free; retry later, use another peer or a smaller max_length"
+                )
+            session = Session(req.session_id, owner, self._new_cache(req.cache_class), now, reserved=reserved)
             self._sessions[req.session_id] = session
             return session
 
@@ -96,6 +114,8 @@ class BlockRunner:
         from transformers.cache_utils import Cache
 
         name = cache_class or "DynamicCache"
+        if name not in CACHE_CLASSES:
+            raise ProtocolError(f"cache class {name!r} is not supported by peers (supported: {', '.join(CACHE_CLASSES)})")
         cls = getattr(transformers, name, None)
         if not (isinstance(cls, type) and issubclass(cls, Cache)):
             raise ProtocolError(f"cache class {name!r} is not a transformers Cache")
@@ -128,7 +148,7 @@ class BlockRunner:
     @property
     def free_cache_tokens(self) -> int:
         with self._lock:
-            return max(0, self.limits.max_cache_tokens - sum(s.tokens for s in self._sessions.values()))
+            return max(0, self.limits.max_cache_tokens - sum(s.charged for s in self._sessions.values()))
 
     def expire_sessions(self) -> None:
         with self._lock:
@@ -137,49 +157,43 @@ class BlockRunner:
     # ---- compute -------------------------------------------------------------------------------------
 
     def validate(self, req: StepRequest) -> None:
-        """Reject anything this peer cannot or will not run, before any compute."""
+        """Reject anything this peer cannot or will not run, before any compute.
+
+        `ProtocolError`: the request is wrong for this model (any peer would refuse it).
+        `RequestRefused`: this peer's range or limits do not fit it (another peer may take it).
+        """
         if not (self.start <= req.start < req.end <= self.end):
-            raise ProtocolError(f"blocks {req.start}:{req.end} requested, this peer serves {self.start}:{self.end}")
+            raise RequestRefused(f"blocks {req.start}:{req.end} requested, this peer serves {self.start}:{self.end}")
         h = req.hidden
-        if h.ndim < 2 or not h.is_floating_point():
-            raise ProtocolError(f"hidden state must be a floating tensor of >= 2 dims, got {h.dtype} {tuple(h.shape)}")
+        if not 2 <= h.ndim <= 4 or not h.is_floating_point():
+            raise ProtocolError(f"hidden state must be a floating tensor of 2..4 dims, got {h.dtype} {tuple(h.shape)}")
         if self.hidden_size is not None and h.shape[-1] != self.hidden_size:
             raise ProtocolError(f"hidden state has size {h.shape[-1]} in its last dim, the model has {self.hidden_size}")
+        if h.shape[0] == 0 or (h.ndim > 2 and h.shape[1] == 0):
+            raise ProtocolError(f"hidden state of shape {tuple(h.shape)} is empty")
         if h.shape[0] > self.limits.max_batch:
-            raise ProtocolError(f"batch of {h.shape[0]} rows exceeds the limit of {self.limits.max_batch}")
-        tokens = h.shape[0] * (h.shape[1] if h.ndim > 2 else 1)
+            raise RequestRefused(f"batch of {h.shape[0]} rows exceeds the limit of {self.limits.max_batch}")
+        seq = h.shape[1] if h.ndim > 2 else 1
+        if seq > self.limits.max_session_length:
+            raise RequestRefused(f"step of {seq} tokens per sequence exceeds the limit of {self.limits.max_session_length}")
+        tokens = h.shape[0] * seq
         if tokens > self.limits.max_tokens_per_step:
-            raise ProtocolError(f"step of {tokens} tokens exceeds the limit of {self.limits.max_tokens_per_step}")
+            raise RequestRefused(f"step of {tokens} tokens exceeds the limit of {self.limits.max_tokens_per_step}")
         if req.attn_implementation is not None and self.attn_implementation is not None:
             if req.attn_implementation != self.attn_implementation:
-                raise ProtocolError(
+                raise RequestRefused(
                     f"client builds masks for attn_implementation={req.attn_implementation!r}, this peer runs "
                     f"{self.attn_implementation!r}; load the client with the same attn_implementation"
                 )
         if req.max_length is not None and req.max_length > self.limits.max_session_length:
-            raise ProtocolError(f"max_length {req.max_length} exceeds this peer's limit of {self.limits.max_session_length}")
+            raise RequestRefused(f"max_length {req.max_length} exceeds this peer's limit of {self.limits.max_session_length}")
 
     def step(self, req: StepRequest, owner: str = "local") -> StepResponse:
         self.validate(req)
         session = self._session(req, owner)
         cache = session.cache if session is not None else None
         if session is not None:
-            for name, arg in req.cache_ops:
-                self._apply_op(cache, name, arg)
-            length = cache.get_seq_length(self._first_attention_layer(cache)) + (req.hidden.shape[1] if req.hidden.ndim > 2 else 1)
-            if length > self.limits.max_session_length:
-                raise SessionError(
-                    f"session would hold {length} tokens, more than this peer's limit of {self.limits.max_session_length}"
-                )
-            tokens = length * req.hidden.shape[0]
-            with self._lock:
-                others = sum(s.tokens for s in self._sessions.values() if s is not session)
-            if others + tokens > self.limits.max_cache_tokens:
-                raise SessionError(
-                    f"KV cache budget exhausted: this step needs {tokens} token slots, {self.limits.max_cache_tokens - others} "
-                    f"of {self.limits.max_cache_tokens} are free; retry later or use another peer"
-                )
-            session.tokens = tokens
+            self._admit(session, req)
         device, dtype = self.loaded.device, self.loaded.dtype
         hidden = req.hidden.to(device=device, dtype=dtype)
         calls = [
@@ -194,8 +208,57 @@ class BlockRunner:
                 hidden = out[0] if isinstance(out, (tuple, list)) else out
         return StepResponse(hidden=hidden.to(req.hidden.dtype))
 
-    def _first_attention_layer(self, cache) -> int:
-        return self.start if len(getattr(cache, "layers", ())) > self.start else 0
+    def _admit(self, session: Session, req: StepRequest) -> None:
+        """Apply the step's cache operations and charge the KV budget, refusing what would not fit."""
+        cache = session.cache
+        layer = self._first_attention_layer(cache, req.start)
+        batch = _cache_batch(cache, layer)
+        length = cache.get_seq_length(layer)
+        for name, arg in req.cache_ops:
+            batch = self._check_op(session, name, arg, batch, length)
+            self._apply_op(cache, name, arg)
+            length = cache.get_seq_length(layer)
+            batch = _cache_batch(cache, layer) if length else batch
+        rows = req.hidden.shape[0]
+        if length and batch and rows != batch:
+            raise ProtocolError(f"hidden state has {rows} rows, the session's cache holds {batch}")
+        length += req.hidden.shape[1] if req.hidden.ndim > 2 else 1
+        if length > self.limits.max_session_length:
+            raise SessionError(
+                f"session would hold {length} tokens, more than this peer's limit of {self.limits.max_session_length}"
+            )
+        self._charge(session, rows * length, "this step")
+
+    def _check_op(self, session: Session, name: str, arg, batch: int, length: int) -> int:
+        """The cache's batch after operation `name`; refuses one that would blow past the limits."""
+        if name == "batch_repeat_interleave":
+            new_batch = max(batch, 1) * arg
+        elif name in ("reorder_cache", "batch_select_indices"):
+            if length and batch and arg.numel() and not (0 <= int(arg.min()) and int(arg.max()) < batch):
+                raise ProtocolError(f"cache operation {name}: indices must be in 0..{batch - 1}")
+            new_batch = arg.numel()
+        else:
+            return batch
+        if new_batch > self.limits.max_batch:
+            raise RequestRefused(f"cache operation {name} would make a batch of {new_batch} rows, the limit is {self.limits.max_batch}")
+        if length:
+            self._charge(session, new_batch * length, f"cache operation {name}")
+        return new_batch
+
+    def _charge(self, session: Session, tokens: int, what: str) -> None:
+        with self._lock:
+            others = sum(s.charged for s in self._sessions.values() if s is not session)
+            if others + max(tokens, session.reserved) > self.limits.max_cache_tokens:
+                raise SessionError(
+                    f"KV cache budget exhausted: {what} needs {tokens} token slots, "
+                    f"{max(0, self.limits.max_cache_tokens - others)} of {self.limits.max_cache_tokens} are free; "
+                    "retry later or use another peer"
+                )
+            session.tokens = tokens
+
+    @staticmethod
+    def _first_attention_layer(cache, start: int) -> int:
+        return start if len(getattr(cache, "layers", ())) > start else 0
 
     def _apply_op(self, cache, name: str, arg) -> None:
         if name == "reorder_cache" or name == "batch_select_indices":
@@ -207,6 +270,15 @@ class BlockRunner:
                 getattr(cache, name)(arg)
         except (RuntimeError, IndexError, ValueError) as exc:
             raise ProtocolError(f"cache operation {name}({arg if not isinstance(arg, torch.Tensor) else tuple(arg.shape)}) failed: {exc}") from exc
+
+
+def _cache_batch(cache, layer: int) -> int:
+    """Rows the cache holds at `layer` (0 while it is empty)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or layer >= len(layers):
+        return 0
+    keys = getattr(layers[layer], "keys", None)
+    return int(keys.shape[0]) if isinstance(keys, torch.Tensor) and keys.ndim > 0 and keys.numel() else 0
 
 
 def _prepare(value, cache, device: torch.device, dtype: torch.dtype):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +26,12 @@ import torch
 from swarm.aio import BackgroundLoop
 from swarm.records import PeerRecord, model_key
 from swarm.remote import bind_session
-from swarm.router import SwarmRouter
+from swarm.router import PeerUnreachable, RetryPolicy, SwarmRouter
 from swarm.routing import Span
 from swarm.rpc import BlockService, join_message, split_message
 from swarm.splitting import read_config_json
 
 logger = logging.getLogger(__name__)
-
-
-class PeerUnreachable(RuntimeError):
-    """A peer did not answer (dead, unreachable, or too slow)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +42,18 @@ class ClientConfig:
     step_timeout: float = 120.0  # one step on one peer (a long prefill on a slow CPU peer can take a while)
     close_timeout: float = 5.0  # closing a session
     directory_ttl: float = 5.0  # how long the list of peers read from the DHT is reused
+    directory_min_interval: float = 1.0  # after a failure the list is read again, but not more often than this
+    directory_grace: float = 15.0  # a peer missing from one DHT read is still routed to for this long
+    ban_base_s: float = 5.0  # a peer that failed is avoided this long; each further failure doubles it
+    ban_max_s: float = 300.0  # cap of that doubling
+    heal_timeout: float = 60.0  # how long a step waits for the swarm to serve missing blocks before failing
+    max_history_bytes: int = 1 << 30  # per session, what is kept to replay on a replacement peer (bytes)
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            ban_base_s=self.ban_base_s, ban_max_s=self.ban_max_s, heal_timeout_s=self.heal_timeout,
+            poll_interval_s=self.directory_min_interval, max_history_bytes=self.max_history_bytes,
+        )
 
 
 class P2PTransport:
@@ -134,18 +143,58 @@ class SwarmConnection:
 
 
 class DHTDirectory:
-    """The spans online peers offer for one model, read from the DHT and reused for `ttl` seconds."""
+    """The spans online peers offer for one model, read from the DHT and reused for `ttl` seconds.
 
-    def __init__(self, connection: SwarmConnection, key: str, ttl: float):
-        self.connection, self.key, self.ttl = connection, key, ttl
+    Only the first read blocks the caller. Later reads run in a background thread while callers get
+    the last known spans at once: a DHT lookup can take many seconds when a DHT node on the way hangs
+    (a frozen peer is one), and the router's waits must stay bounded. Such a lookup can also come back
+    without records that exist, so a peer missing from one read is kept for `grace` seconds after it
+    was last seen; a record that *is* read (e.g. turned `draining`) always replaces the older one.
+    `invalidate()` (the router calls it after a failure) asks for a read as soon as `min_interval`
+    seconds have passed since the last one. Thread-safe: concurrent sessions share one directory.
+    """
+
+    def __init__(self, connection: SwarmConnection, key: str, ttl: float, min_interval: float = 1.0, grace: float = 15.0):
+        self.connection, self.key = connection, key
+        self.ttl, self.min_interval, self.grace = ttl, min_interval, grace
+        self._records: dict[str, tuple[PeerRecord, float]] = {}  # peer id -> (record, when last read)
         self._spans: list[Span] = []
-        self._read_at = float("-inf")
+        self._read_at = float("-inf")  # when the last read started
+        self._stale = False
+        self._reading = False
+        self._lock = threading.Lock()
 
     def __call__(self) -> list[Span]:
-        if time.monotonic() - self._read_at > self.ttl:
-            self._spans = spans_from_records(self.connection.peers(self.key).values())
-            self._read_at = time.monotonic()
+        with self._lock:
+            first = self._read_at == float("-inf")
+            age = time.monotonic() - self._read_at
+            due = age > self.ttl or (self._stale and age >= self.min_interval)
+            if not due or self._reading:
+                return self._spans
+            self._reading, self._stale, self._read_at = True, False, time.monotonic()
+        if first:
+            self._read()
+        else:
+            threading.Thread(target=self._read, name="swarm-directory", daemon=True).start()
         return self._spans
+
+    def invalidate(self) -> None:
+        self._stale = True
+
+    def _read(self) -> None:
+        try:
+            found = self.connection.peers(self.key)
+        except Exception as exc:  # noqa: BLE001 - keep the last known peers; the next read may succeed
+            logger.warning("reading the peers of %s from the DHT failed: %s: %s", self.key, type(exc).__name__, exc)
+            found = {}
+        now = time.monotonic()
+        with self._lock:
+            for peer_id, record in found.items():
+                self._records[peer_id] = (record, now)
+            for peer_id in [p for p, (_, seen) in self._records.items() if now - seen > self.grace]:
+                del self._records[peer_id]
+            self._spans = spans_from_records(record for record, _ in self._records.values())
+            self._reading = False
 
 
 def spans_from_records(records) -> list[Span]:
@@ -212,7 +261,10 @@ def _from_pretrained(
     key = model_key(str(model_name_or_path), read_config_json(model_name_or_path))
 
     def make_router(layout, config):
-        return SwarmRouter(layout.num_blocks, DHTDirectory(connection, key, client_config.directory_ttl), connection.transport)
+        directory = DHTDirectory(
+            connection, key, client_config.directory_ttl, client_config.directory_min_interval, client_config.directory_grace
+        )
+        return SwarmRouter(layout.num_blocks, directory, connection.transport, policy=client_config.retry_policy())
 
     model = load_client_model(
         model_name_or_path, make_router, auto_class=auto_class, dtype=dtype,

@@ -33,8 +33,23 @@ CACHE_OPS: dict[str, type] = {
 }
 
 
+# Bounds a request must respect whatever the peer's own limits; they keep decoding cheap.
+MAX_CACHE_OPS = 256  # cache operations riding with one step
+MAX_INDEX_ROWS = 1 << 16  # elements of a reorder/select index tensor
+MAX_NAME_CHARS = 128  # session id, cache class, attention implementation
+
+
 class ProtocolError(ValueError):
-    """A request or response that does not follow the protocol. The message says which field and why."""
+    """A request or response that does not follow the protocol. The message says which field and why.
+
+    The request itself is at fault: sending it to another peer would fail the same way.
+    """
+
+
+class RequestRefused(ProtocolError):
+    """A well-formed request this peer will not run now: a block range it does not serve, a limit of
+    this peer (batch, sequence length, sessions, KV budget), an unknown or foreign session. Another
+    peer, or the same one later, may accept it: clients re-route instead of giving up."""
 
 
 @dataclass
@@ -76,14 +91,15 @@ class StepRequest:
         if msg.get("v") != PROTOCOL_VERSION:
             raise ProtocolError(f"protocol version {msg.get('v')!r} is not supported (this peer speaks {PROTOCOL_VERSION})")
         start, end = _int(msg, "start"), _int(msg, "end")
-        if not 0 <= start < end:
-            raise ProtocolError(f"block range {start}:{end} is empty or negative")
+        if not 0 <= start < end < 1 << 31:
+            raise ProtocolError(f"block range {start}:{end} is empty, negative or absurd")
         hidden = msg.get("hidden")
         if not isinstance(hidden, torch.Tensor):
             raise ProtocolError(f"'hidden' must be a tensor, got {type(hidden).__name__}")
         calls_raw = msg.get("calls")
-        if not isinstance(calls_raw, list) or not calls_raw:
-            raise ProtocolError("'calls' must be a non-empty list of [args, kwargs] rows")
+        if not isinstance(calls_raw, list) or not 0 < len(calls_raw) <= end - start:
+            got = len(calls_raw) if isinstance(calls_raw, list) else type(calls_raw).__name__
+            raise ProtocolError(f"'calls' must list 1..{end - start} [args, kwargs] rows (one per distinct layer call), got {got}")
         calls = []
         for i, row in enumerate(calls_raw):
             if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], list) and isinstance(row[1], dict)):
@@ -97,25 +113,30 @@ class StepRequest:
             if not isinstance(row, int) or isinstance(row, bool) or not 0 <= row < len(calls):
                 raise ProtocolError(f"layer_calls[{i}] = {row!r} is not a row of the {len(calls)} calls")
         session_id = _opt(msg, "session_id", str)
-        if session_id is not None and not 0 < len(session_id) <= 128:
-            raise ProtocolError(f"session_id must be 1..128 characters, got {len(session_id)}")
-        ops = []
-        for i, op in enumerate(msg.get("cache_ops") or []):
-            if not (isinstance(op, list) and len(op) == 2 and op[0] in CACHE_OPS):
-                raise ProtocolError(f"cache_ops[{i}] must be [name, argument] with name in {sorted(CACHE_OPS)}")
-            name, arg = op
-            expected = CACHE_OPS[name]
-            if not isinstance(arg, expected) or isinstance(arg, bool):
-                raise ProtocolError(f"cache_ops[{i}] {name} takes a {expected.__name__}, got {type(arg).__name__}")
-            ops.append((name, arg))
+        if session_id is not None and not 0 < len(session_id) <= MAX_NAME_CHARS:
+            raise ProtocolError(f"session_id must be 1..{MAX_NAME_CHARS} characters, got {len(session_id)}")
+        ops_raw = msg.get("cache_ops")
+        if ops_raw is None:
+            ops_raw = []
+        if not isinstance(ops_raw, list) or len(ops_raw) > MAX_CACHE_OPS:
+            got = len(ops_raw) if isinstance(ops_raw, list) else type(ops_raw).__name__
+            raise ProtocolError(f"'cache_ops' must be a list of at most {MAX_CACHE_OPS} operations, got {got}")
+        ops = [_cache_op(i, op) for i, op in enumerate(ops_raw)]
         if ops and session_id is None:
             raise ProtocolError("cache operations need a session")
         new_session = msg.get("new_session", False)
         if not isinstance(new_session, bool):
             raise ProtocolError(f"'new_session' must be a boolean, got {type(new_session).__name__}")
+        if new_session and session_id is None:
+            raise ProtocolError("'new_session' needs a session_id")
         max_length = _opt(msg, "max_length", int)
-        if max_length is not None and max_length <= 0:
-            raise ProtocolError(f"max_length must be positive, got {max_length}")
+        if max_length is not None and not 0 < max_length < 1 << 31:
+            raise ProtocolError(f"max_length must be in 1..{(1 << 31) - 1}, got {max_length}")
+        cache_class = _opt(msg, "cache_class", str)
+        attn_implementation = _opt(msg, "attn_implementation", str)
+        for key, value in (("cache_class", cache_class), ("attn_implementation", attn_implementation)):
+            if value is not None and not 0 < len(value) <= MAX_NAME_CHARS:
+                raise ProtocolError(f"{key!r} must be 1..{MAX_NAME_CHARS} characters, got {len(value)}")
         return cls(
             start=start,
             end=end,
@@ -124,9 +145,9 @@ class StepRequest:
             layer_calls=layer_calls,
             session_id=session_id,
             new_session=new_session,
-            cache_class=_opt(msg, "cache_class", str),
+            cache_class=cache_class,
             cache_ops=ops,
-            attn_implementation=_opt(msg, "attn_implementation", str),
+            attn_implementation=attn_implementation,
             max_length=max_length,
         )
 
@@ -145,6 +166,27 @@ class StepResponse:
         if not isinstance(msg, dict) or not isinstance(msg.get("hidden"), torch.Tensor):
             raise ProtocolError("a step response must be a map with a 'hidden' tensor")
         return cls(hidden=msg["hidden"])
+
+
+def _cache_op(i: int, op: Any) -> tuple[str, Any]:
+    """One ``[name, argument]`` cache operation, checked for what it can be without the session's cache."""
+    if not (isinstance(op, list) and len(op) == 2 and op[0] in CACHE_OPS):
+        raise ProtocolError(f"cache_ops[{i}] must be [name, argument] with name in {sorted(CACHE_OPS)}")
+    name, arg = op
+    expected = CACHE_OPS[name]
+    if not isinstance(arg, expected) or isinstance(arg, bool):
+        raise ProtocolError(f"cache_ops[{i}] {name} takes a {expected.__name__}, got {type(arg).__name__}")
+    if isinstance(arg, torch.Tensor):
+        if arg.ndim != 1 or arg.dtype not in (torch.int64, torch.int32) or arg.numel() > MAX_INDEX_ROWS:
+            raise ProtocolError(
+                f"cache_ops[{i}] {name} takes a 1-D int64/int32 index of at most {MAX_INDEX_ROWS} rows, "
+                f"got {arg.dtype} {tuple(arg.shape)}"
+            )
+    elif name == "batch_repeat_interleave" and not 0 < arg <= MAX_INDEX_ROWS:
+        raise ProtocolError(f"cache_ops[{i}] batch_repeat_interleave({arg}): repeats must be in 1..{MAX_INDEX_ROWS}")
+    elif name == "crop" and not -(1 << 31) < arg < 1 << 31:
+        raise ProtocolError(f"cache_ops[{i}] crop({arg}) is out of range")
+    return name, arg
 
 
 def _int(msg: dict, key: str) -> int:
@@ -166,6 +208,8 @@ __all__ = [
     "CacheRef",
     "PROTOCOL_VERSION",
     "ProtocolError",
+    "RemoteError",
+    "RequestRefused",
     "StepRequest",
     "StepResponse",
     "WireError",
@@ -173,19 +217,34 @@ __all__ = [
 
 
 class RemoteError(RuntimeError):
-    """A peer refused or failed a request; the message is the peer's own, prefixed with who said it."""
+    """A peer refused or failed a request; the message is the peer's own, prefixed with who said it.
 
-    def __init__(self, peer: str, kind: str, message: str):
+    `retry` is the peer's verdict: False when the request itself is malformed (any peer would refuse
+    it), True when another peer (or this one later) may run it: a refusal (`RequestRefused`) or a
+    failure of the peer.
+    """
+
+    def __init__(self, peer: str, kind: str, message: str, retry: bool = True):
         super().__init__(f"peer {peer}: {kind}: {message}")
-        self.peer, self.kind, self.message = peer, kind, message
+        self.peer, self.kind, self.message, self.retry = peer, kind, message, retry
 
 
-def error_to_wire(exc: BaseException) -> dict:
-    """An error as the caller will see it. Only the type name and message travel, never a traceback."""
-    return {"v": PROTOCOL_VERSION, "error": {"type": type(exc).__name__, "message": str(exc)[:4096]}}
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a request that failed with `exc` on a peer may succeed elsewhere (see `RemoteError.retry`)."""
+    return isinstance(exc, RequestRefused) or not isinstance(exc, (ProtocolError, WireError))
+
+
+def error_to_wire(exc: BaseException, retry: bool | None = None) -> dict:
+    """An error as the caller will see it. Only the type name, the message and whether another peer
+    may succeed travel, never a traceback."""
+    retry = is_retryable(exc) if retry is None else retry
+    return {"v": PROTOCOL_VERSION, "error": {"type": type(exc).__name__, "message": str(exc)[:4096], "retry": retry}}
 
 
 def raise_if_error(msg: Any, peer: str) -> None:
     if isinstance(msg, dict) and isinstance(msg.get("error"), dict):
         err = msg["error"]
-        raise RemoteError(peer, str(err.get("type", "Error"))[:64], str(err.get("message", ""))[:4096])
+        retry = err.get("retry", True)  # a peer that does not say: assume its own failure
+        raise RemoteError(
+            peer, str(err.get("type", "Error"))[:64], str(err.get("message", ""))[:4096], retry is not False
+        )

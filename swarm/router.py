@@ -1,28 +1,112 @@
-"""Sends one forward pass along a route of peers. Transport-agnostic: bytes go out, bytes come back.
+"""Sends one forward pass along a route of peers, and survives peers that fail on the way.
 
 `SwarmRouter` turns the stubs' recorded layer calls into one `StepRequest` per hop, each with only
 its own layers' arguments (deduplicated: layers that received the same objects share a row), and
 chains the hops. In-process peers (tests, `make demo`) and hivemind RPC peers differ only in the
 `Transport` they plug in, so the exact same codec and validation run in both.
+
+Failures (see docs/reliability.md). A peer that cannot be reached, times out, answers garbage or
+replies with an error it marks retryable is *banned* (`Bans`: for `ban_base_s`, doubling with each
+further failure, up to `ban_max_s`) and its part of the route is re-routed around it:
+
+- a stateless pass continues from the failed hop's input over a new route for the remaining blocks;
+- in a session, the failed hop ``[a, b)`` is replaced by the cheapest chain of other peers covering
+  ``[a, b)`` (one or several hops, possibly starting mid-range), each opening a new session on its
+  peer, and every step the session has run so far is *replayed* there, in order, with the cache
+  operations that came before each step. The router keeps, per session, a `_History`: for each step
+  the hidden state that entered every hop boundary, the step's layer arguments (a wire-encoded
+  snapshot: masks bit-packed, shared tensors once) and its cache operations. A replacement starting
+  at block ``a`` is fed the recorded inputs at ``a``; a chain ``[a, c), [c, b)`` feeds the second hop
+  with the first one's replayed outputs. The rebuilt KV cache is the one the failed peer held, so
+  the output equals a run without the failure.
+
+If no route exists (blocks nobody serves, or only banned peers serve them), the router re-reads the
+directory and waits, at most `heal_timeout_s` from the first failure of the step, then raises
+`MissingBlocksError` naming the blocks. An error the peer marks as the request's own fault
+(`RemoteError.retry == False`) is raised at once: every peer would refuse it.
 """
 
 from __future__ import annotations
 
+import logging
 import random
-from typing import Callable, Protocol
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import torch
 
-from swarm.protocol import StepRequest, StepResponse, raise_if_error
+from swarm.protocol import ProtocolError, RemoteError, StepRequest, StepResponse, raise_if_error
 from swarm.remote import ClientSession
-from swarm.routing import Hop, Span, choose_route
-from swarm.wire import decode_message, encode_message
+from swarm.routing import Hop, MissingBlocksError, Span, choose_route, missing_blocks
+from swarm.wire import WireError, decode_message, encode_message
+
+logger = logging.getLogger(__name__)
+
+
+class PeerUnreachable(RuntimeError):
+    """A peer did not answer (dead, unreachable, or too slow). Transports raise this."""
+
+
+class SessionLost(RuntimeError):
+    """A session's peer failed and its history could not be replayed (the history was over its limit)."""
 
 
 class Transport(Protocol):
-    def step(self, peer_id: str, request: bytes) -> bytes: ...
+    def step(self, peer_id: str, request: bytes) -> bytes:
+        """Send one step request; raise `PeerUnreachable` (or `OSError`/`TimeoutError`) if no reply came."""
+        ...
 
     def close_session(self, peer_id: str, session_id: str, wait: bool = True) -> None: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How the router recovers from failing peers. Times in seconds."""
+
+    ban_base_s: float = 5.0  # a peer that failed is avoided this long; each further failure doubles it
+    ban_max_s: float = 300.0  # cap of the doubling ban
+    heal_timeout_s: float = 60.0  # a step waits at most this long (from its first failure) for a usable route
+    poll_interval_s: float = 1.0  # while waiting, re-read the directory this often
+    max_history_bytes: int = 1 << 30  # replay history kept per session; past it, a failed peer ends the session
+
+
+class Bans:
+    """Peers to avoid, each until a time that doubles with its consecutive failures. Thread-safe."""
+
+    def __init__(self, base_s: float, max_s: float, clock: Callable[[], float] = time.monotonic):
+        self.base_s, self.max_s, self.clock = base_s, max_s, clock
+        self._until: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def ban(self, peer_id: str) -> float:
+        """Ban `peer_id` after a failure; returns the ban's length in seconds."""
+        with self._lock:
+            n = self._failures.get(peer_id, 0) + 1
+            self._failures[peer_id] = n
+            length = min(self.base_s * 2 ** min(n - 1, 32), self.max_s)
+            self._until[peer_id] = self.clock() + length
+            return length
+
+    def succeeded(self, peer_id: str) -> None:
+        """A step succeeded on `peer_id`: its next failure starts the backoff over."""
+        if peer_id in self._failures:
+            with self._lock:
+                self._failures.pop(peer_id, None)
+
+    def active(self) -> frozenset[str]:
+        now = self.clock()
+        with self._lock:
+            for peer in [p for p, t in self._until.items() if t <= now]:
+                del self._until[peer]
+            return frozenset(self._until)
+
+    def next_expiry(self) -> float | None:
+        """Seconds until the soonest ban ends (None: nobody is banned)."""
+        with self._lock:
+            return max(0.0, min(self._until.values()) - self.clock()) if self._until else None
 
 
 def build_step(
@@ -32,8 +116,14 @@ def build_step(
     session: ClientSession | None,
     cache_ops: list,
     attn_implementation: str | None,
+    *,
+    session_id: str | None = None,
+    new_session: bool | None = None,
 ) -> StepRequest:
-    """One hop's request: the arguments of layers ``[hop.start, hop.end)``, each distinct set sent once."""
+    """One hop's request: the arguments of layers ``[hop.start, hop.end)``, each distinct set sent once.
+
+    `session_id` / `new_session` override the session's (a replacement hop opens its own session id).
+    """
     rows: dict[tuple, int] = {}
     calls: list[tuple[tuple, dict]] = []
     index: list[int] = []
@@ -44,14 +134,18 @@ def build_step(
             row = rows[key] = len(calls)
             calls.append((args, kwargs))
         index.append(row)
+    if session is not None:
+        session_id = session_id or session.session_id
+        if new_session is None:
+            new_session = hop.peer_id not in session.opened_on
     return StepRequest(
         start=hop.start,
         end=hop.end,
         hidden=hidden,
         calls=calls,
         layer_calls=index,
-        session_id=session.session_id if session else None,
-        new_session=session is not None and hop.peer_id not in session.opened_on,
+        session_id=session_id if session else None,
+        new_session=bool(new_session) if session else False,
         cache_class=session.cache_class if session else None,
         cache_ops=list(cache_ops),
         attn_implementation=attn_implementation,
@@ -59,8 +153,57 @@ def build_step(
     )
 
 
+# ---------------------------------------------------------------------------------------------------
+# Session state kept by the router
+
+
+@dataclass
+class _Step:
+    """One step of a session, as needed to replay it on a replacement peer."""
+
+    ops: list[tuple[str, Any]]  # cache operations applied before the step, in order
+    calls: bytes | None  # the layer arguments, wire-encoded (None once the history is dropped)
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # block position -> hidden entering it
+
+    def nbytes(self) -> int:
+        return len(self.calls or b"") + sum(t.numel() * t.element_size() for t in self.inputs.values())
+
+
+@dataclass
+class _SessionHop:
+    hop: Hop
+    session_id: str  # this hop's session id on its peer (replacements get fresh ones)
+    synced: int = 0  # steps of the session this peer has run (it holds their keys/values)
+
+
+@dataclass
+class _SessionState:
+    hops: list[_SessionHop]
+    steps: list[_Step] = field(default_factory=list)
+    history_bytes: int = 0
+    history_dropped: bool = False  # over RetryPolicy.max_history_bytes: failures can no longer be replayed
+    replacements: int = 0  # counter for fresh per-hop session ids
+
+
+class _Recovery:
+    """The time bound of one pass's recovery: starts at its first failure."""
+
+    def __init__(self, heal_timeout_s: float):
+        self.heal_timeout_s = heal_timeout_s
+        self.deadline: float | None = None
+        self.errors: list[str] = []  # the failures met, for the final error message
+
+    def failed(self, message: str) -> None:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.heal_timeout_s
+        self.errors.append(message)
+
+    def left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+
 class SwarmRouter:
-    """Chooses routes from the spans peers offer and runs steps over a transport."""
+    """Chooses routes from the spans peers offer and runs steps over a transport, re-routing failures."""
 
     def __init__(
         self,
@@ -68,14 +211,22 @@ class SwarmRouter:
         spans: Callable[[], list[Span]],
         transport: Transport,
         rng: random.Random | None = None,
+        policy: RetryPolicy = RetryPolicy(),
     ):
         self.num_blocks = num_blocks
-        self.spans = spans
+        self.spans = spans  # the directory: returns the current spans; may have `invalidate()` to force a re-read
         self.transport = transport
         self.rng = rng or random.Random()
+        self.policy = policy
+        self.bans = Bans(policy.ban_base_s, policy.ban_max_s)
+        self._states: dict[str, _SessionState] = {}
+        self._lock = threading.Lock()
 
-    def route(self) -> list[Hop]:
-        return choose_route(self.spans(), self.num_blocks, rng=self.rng)
+    def route(self, start: int = 0, end: int | None = None) -> list[Hop]:
+        """The cheapest route over peers that are not banned (raises `MissingBlocksError` if none)."""
+        return choose_route(self.spans(), self.num_blocks, start=start, end=end, rng=self.rng, exclude=self.bans.active())
+
+    # ---- one pass ------------------------------------------------------------------------------------
 
     def run(
         self,
@@ -84,26 +235,256 @@ class SwarmRouter:
         layer_calls: list[tuple[tuple, dict]],
         attn_implementation: str | None,
     ) -> torch.Tensor:
-        if session is not None and session.closed:
+        if session is None:
+            return self._run_stateless(hidden, layer_calls, attn_implementation)
+        if session.closed:
             raise RuntimeError(f"session {session.session_id} is closed")
-        hops = session.hops if session is not None and session.hops is not None else self.route()
-        ops: list = []
-        if session is not None:
-            session.hops = hops
-            ops, session.pending_ops = session.pending_ops, []
+        recovery = _Recovery(self.policy.heal_timeout_s)
+        with self._lock:
+            state = self._states.get(session.session_id)
+        if state is None:
+            hops = session.hops if session.hops is not None else self._route_with_recovery(0, self.num_blocks, recovery)
+            state = _SessionState([_SessionHop(h, session.session_id) for h in hops])
+            with self._lock:
+                self._states[session.session_id] = state
+        ops, session.pending_ops = session.pending_ops, []
+        step = _Step(ops=ops, calls=None)
+        step.inputs[0] = hidden.detach().clone()
+        state.steps.append(step)
+        t = len(state.steps) - 1
+        if not state.history_dropped:
+            step.calls = encode_message(layer_calls)  # a snapshot: later changes to the objects do not matter
+        session.hops = [h.hop for h in state.hops]
+        try:
+            out = self._run_session_step(session, state, t, layer_calls, attn_implementation, recovery)
+        except BaseException:
+            self._abandon_step(session, state, t)
+            raise
+        self._account(state, session)
+        return out
+
+    def _run_session_step(
+        self, session: ClientSession, state: _SessionState, t: int, layer_calls: list[tuple[tuple, dict]],
+        attn_implementation: str | None, recovery: _Recovery,
+    ) -> torch.Tensor:
+        out = None
+        k = 0
+        while k < len(state.hops):
+            shop = state.hops[k]
+            try:
+                out = self._sync_hop(session, state, shop, t, layer_calls, attn_implementation)
+            except _PeerFailed as failure:
+                recovery.failed(str(failure))
+                self._retire(shop, failure)
+                if state.history_dropped and t > 0:
+                    raise SessionLost(
+                        f"peer {shop.hop.peer_id} (blocks {shop.hop.start}..{shop.hop.end - 1}) failed and session "
+                        f"{session.session_id}'s history was dropped past {self.policy.max_history_bytes} bytes "
+                        f"(RetryPolicy.max_history_bytes), so it cannot be rebuilt elsewhere: {failure}"
+                    ) from failure.__cause__
+                hops = self._route_with_recovery(shop.hop.start, shop.hop.end, recovery)
+                state.hops[k : k + 1] = [self._fresh_hop(session, state, h) for h in hops]
+                session.hops = [h.hop for h in state.hops]
+                logger.info(
+                    "session %s: blocks %d..%d re-routed to %s; replaying %d earlier step(s)", session.session_id,
+                    shop.hop.start, shop.hop.end - 1, [(h.peer_id, h.start, h.end) for h in hops], t,
+                )
+                continue
+            k += 1
+        return out
+
+    @staticmethod
+    def _fresh_hop(session: ClientSession, state: _SessionState, hop: Hop) -> _SessionHop:
+        """A hop that opens a new session on its peer (a fresh id: the peer may hold one of ours already)."""
+        state.replacements += 1
+        return _SessionHop(hop, f"{session.session_id}.{state.replacements}")
+
+    def _abandon_step(self, session: ClientSession, state: _SessionState, t: int) -> None:
+        """Undo step `t` after it failed for good, so the session stays usable if the caller retries.
+
+        Its cache operations go back to the queue; peers that ran it (their caches are one step ahead)
+        are dropped from the session: their part is replayed under a fresh session id next time.
+        """
+        step = state.steps.pop()
+        session.pending_ops = step.ops + session.pending_ops
+        for i, shop in enumerate(state.hops):
+            if shop.synced > t:
+                self._close_quietly(shop.hop.peer_id, shop.session_id, wait=False)
+                state.hops[i] = self._fresh_hop(session, state, shop.hop)
+        if not state.steps:
+            with self._lock:
+                self._states.pop(session.session_id, None)
+
+    def _sync_hop(
+        self, session: ClientSession, state: _SessionState, shop: _SessionHop, t: int,
+        layer_calls: list[tuple[tuple, dict]], attn_implementation: str | None,
+    ) -> torch.Tensor:
+        """Bring one hop up to step `t` (replaying the steps it has not run) and return its step-`t` output."""
+        hop = shop.hop
+        out = None
+        for i in range(shop.synced, t + 1):
+            step = state.steps[i]
+            calls = layer_calls if i == t else decode_message(step.calls)
+            request = build_step(
+                hop, step.inputs[hop.start], calls, session, step.ops, attn_implementation,
+                session_id=shop.session_id, new_session=shop.synced == 0,
+            )
+            out = self._send(hop, request)
+            shop.synced = i + 1
+            if hop.end < self.num_blocks:
+                if i < t and hop.end not in step.inputs and not state.history_dropped:
+                    state.history_bytes += out.numel() * out.element_size()
+                step.inputs[hop.end] = out
+            session.opened_on.add(hop.peer_id)
+        self.bans.succeeded(hop.peer_id)
+        return out
+
+    def _run_stateless(self, hidden: torch.Tensor, layer_calls: list[tuple[tuple, dict]], attn: str | None) -> torch.Tensor:
+        recovery = _Recovery(self.policy.heal_timeout_s)
+        hops = self._route_with_recovery(0, self.num_blocks, recovery)
         h = hidden
-        for hop in hops:
-            request = build_step(hop, h, layer_calls, session, ops, attn_implementation)
-            reply = decode_message(self.transport.step(hop.peer_id, encode_message(request.to_wire())))
-            raise_if_error(reply, hop.peer_id)
-            h = StepResponse.from_wire(reply).hidden
-            if session is not None:
-                session.opened_on.add(hop.peer_id)
+        while hops:
+            hop = hops[0]
+            try:
+                h = self._send(hop, build_step(hop, h, layer_calls, None, [], attn))
+            except _PeerFailed as failure:
+                recovery.failed(str(failure))
+                self._ban(hop.peer_id, failure)
+                hops = self._route_with_recovery(hop.start, self.num_blocks, recovery)
+                continue
+            self.bans.succeeded(hop.peer_id)
+            hops.pop(0)
         return h
+
+    # ---- one request ---------------------------------------------------------------------------------
+
+    def _send(self, hop: Hop, request: StepRequest) -> torch.Tensor:
+        """Send one request; a failure of the peer raises `_PeerFailed`, the request's own fault `RemoteError`."""
+        data = encode_message(request.to_wire())  # TypeError/ValueError here are the caller's: not caught
+        try:
+            reply = decode_message(self.transport.step(hop.peer_id, data))
+            raise_if_error(reply, hop.peer_id)
+            out = StepResponse.from_wire(reply).hidden
+        except RemoteError as exc:
+            if not exc.retry:
+                raise
+            raise _PeerFailed(hop, str(exc)) from exc
+        except (PeerUnreachable, OSError, TimeoutError, WireError, ProtocolError) as exc:
+            raise _PeerFailed(hop, f"peer {hop.peer_id}: {type(exc).__name__}: {exc}") from exc
+        if out.shape != request.hidden.shape:
+            raise _PeerFailed(hop, f"peer {hop.peer_id} returned a hidden state of {tuple(out.shape)} for {tuple(request.hidden.shape)}")
+        return out
+
+    # ---- failures ------------------------------------------------------------------------------------
+
+    def _ban(self, peer_id: str, failure: "_PeerFailed") -> None:
+        length = self.bans.ban(peer_id)
+        logger.warning("%s; avoiding this peer for %.1f s", failure, length)
+        invalidate = getattr(self.spans, "invalidate", None)
+        if invalidate is not None:  # the failure may mean the swarm changed: read it again
+            invalidate()
+
+    def _retire(self, shop: _SessionHop, failure: "_PeerFailed") -> None:
+        """Ban a failed hop's peer and close its session there, without waiting (it may be dead)."""
+        self._ban(shop.hop.peer_id, failure)
+        if shop.synced or failure.maybe_opened:
+            self._close_quietly(shop.hop.peer_id, shop.session_id, wait=False)
+
+    def _route_with_recovery(self, start: int, end: int, recovery: _Recovery) -> list[Hop]:
+        """A route for ``[start, end)`` avoiding banned peers, waiting for the swarm to heal if none exists."""
+        while True:
+            if recovery.deadline is not None and recovery.left() <= 0:
+                raise self._unavailable(start, end, recovery)
+            try:
+                return self.route(start, end)
+            except MissingBlocksError:
+                recovery.failed(f"no usable route for blocks {start}..{end - 1}")
+                if recovery.left() <= 0:
+                    raise self._unavailable(start, end, recovery) from None
+            except Exception as exc:  # noqa: BLE001 - the directory could not be read: as if empty, until the deadline
+                logger.warning("could not read the swarm's peers: %s: %s", type(exc).__name__, exc)
+                recovery.failed(f"no usable route for blocks {start}..{end - 1}")
+                if recovery.left() <= 0:
+                    raise self._unavailable(start, end, recovery) from exc
+            invalidate = getattr(self.spans, "invalidate", None)
+            if invalidate is not None:
+                invalidate()
+            expiry = self.bans.next_expiry()
+            pause = min(self.policy.poll_interval_s, recovery.left(), expiry if expiry is not None else float("inf"))
+            time.sleep(max(pause, 0.01))
+
+    def _unavailable(self, start: int, end: int, recovery: _Recovery) -> MissingBlocksError:
+        try:
+            spans = self.spans()
+        except Exception:  # noqa: BLE001 - name the blocks anyway
+            spans = []
+        uncovered = [(max(a, start), min(b, end)) for a, b in missing_blocks(spans, self.num_blocks) if b > start and a < end]
+        waited = f"waited {self.policy.heal_timeout_s:.0f} s for the swarm to heal (RetryPolicy.heal_timeout_s)"
+        peer_errors = [e for e in recovery.errors if not e.startswith("no usable route")]
+        last = f"; last failures: {'; '.join(peer_errors[-3:])}" if peer_errors else ""
+        if uncovered:
+            return MissingBlocksError(uncovered, self.num_blocks, detail=waited + last)
+        banned = sorted({s.peer_id for s in spans if s.start < end and s.end > start} & self.bans.active())
+        return MissingBlocksError(
+            [(start, end)], self.num_blocks, served=True,
+            detail=f"every peer serving them failed recently ({', '.join(banned) or 'none'}); {waited}{last}",
+        )
+
+    def _account(self, state: _SessionState, session: ClientSession) -> None:
+        """Drop inputs no current hop needs; drop the whole history past the byte limit."""
+        if state.history_dropped:
+            state.steps[-1].calls = None
+            state.steps[-1].inputs.clear()
+            return
+        starts = {h.hop.start for h in state.hops}
+        step = state.steps[-1]
+        for pos in [p for p in step.inputs if p not in starts]:
+            del step.inputs[pos]
+        state.history_bytes += step.nbytes()
+        if state.history_bytes > self.policy.max_history_bytes:
+            logger.warning(
+                "session %s: replay history passed %d bytes (RetryPolicy.max_history_bytes); a peer failure from now "
+                "on ends the session", session.session_id, self.policy.max_history_bytes,
+            )
+            state.history_dropped = True
+            for s in state.steps:
+                s.calls = None
+                s.inputs.clear()
+            state.history_bytes = 0
+
+    # ---- closing -------------------------------------------------------------------------------------
 
     def close_session(self, session: ClientSession, wait: bool = True) -> None:
         if session.closed:
             return
         session.closed = True
-        for peer_id in session.opened_on:
-            self.transport.close_session(peer_id, session.session_id, wait=wait)
+        with self._lock:
+            state = self._states.pop(session.session_id, None)
+        if state is None:
+            targets = [(peer, session.session_id) for peer in session.opened_on]
+        else:
+            targets = [(h.hop.peer_id, h.session_id) for h in state.hops if h.synced]
+        banned = self.bans.active()
+        first_error = None
+        for peer_id, session_id in targets:
+            try:  # a banned peer is likely dead: do not wait for it
+                self.transport.close_session(peer_id, session_id, wait=wait and peer_id not in banned)
+            except Exception as exc:  # noqa: BLE001 - close the others anyway; peers' session TTL cleans up
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+
+    def _close_quietly(self, peer_id: str, session_id: str, wait: bool) -> None:
+        try:
+            self.transport.close_session(peer_id, session_id, wait=wait)
+        except Exception as exc:  # noqa: BLE001 - best effort; the peer's session TTL cleans up anyway
+            logger.debug("closing session %s on %s failed: %s", session_id, peer_id, exc)
+
+
+class _PeerFailed(Exception):
+    """Internal: one request to one peer failed in a way another peer may not."""
+
+    def __init__(self, hop: Hop, message: str, maybe_opened: bool = True):
+        super().__init__(message)
+        self.hop = hop
+        self.maybe_opened = maybe_opened  # the peer may hold a session for it: close it there

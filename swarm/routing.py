@@ -13,13 +13,20 @@ from dataclasses import dataclass
 
 
 class MissingBlocksError(RuntimeError):
-    """No peer serves some blocks. `missing` lists the uncovered ``[start, end)`` intervals."""
+    """No (usable) peer serves some blocks. `missing` lists the uncovered ``[start, end)`` intervals."""
 
-    def __init__(self, missing: list[tuple[int, int]], num_blocks: int):
+    def __init__(self, missing: list[tuple[int, int]], num_blocks: int, detail: str = "", served: bool = False):
         self.missing = missing
         self.num_blocks = num_blocks
+        self.detail = detail  # what the client did before giving up, and the last peer failures
+        self.served = served  # some peers do serve these blocks, but every one of them failed
         ranges = ", ".join(f"{s}..{e - 1}" if e - s > 1 else f"{s}" for s, e in missing)
-        super().__init__(f"no peer serves block(s) {ranges} of {num_blocks}; start a peer with --blocks for them")
+        if served:
+            message = f"no usable peer for block(s) {ranges} of {num_blocks}: {detail}"
+        else:
+            message = f"no peer serves block(s) {ranges} of {num_blocks}; start a peer with --blocks for them"
+            message += f" ({detail})" if detail else ""
+        super().__init__(message)
 
 
 @dataclass(frozen=True)

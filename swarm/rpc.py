@@ -15,21 +15,38 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Protocol
 
 import msgpack
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
-from swarm.protocol import error_to_wire
+from swarm.protocol import RequestRefused, error_to_wire
 from swarm.wire import encode_message
 
 CHUNK_BYTES = 3 * 1024**2  # payload per stream message; libp2p frames are capped at 4 MiB
 MAX_MESSAGE_BYTES = 1024**3  # a peer refuses a step larger than this before reading it
 
 
-class MessageTooLarge(ValueError):
-    pass
+class MessageTooLarge(RequestRefused):
+    """A stream message over the receiver's limit, or one whose chunks do not add up to its header."""
+
+
+class PeerBusy(RequestRefused):
+    """The peer has too many requests (or bytes) in flight; retry later or elsewhere."""
+
+
+@dataclass(frozen=True)
+class RpcLimits:
+    """What a peer's RPC surface accepts, before any request reaches the runner. Bytes and seconds."""
+
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # one step request, as announced by its first chunk
+    max_inflight_bytes: int = 2 * 1024**3  # requests being received or run, all clients together
+    max_inflight_steps: int = 256  # steps being received, queued or run, all clients together
+    max_inflight_steps_per_client: int = 64  # the same, per client (a client runs several sessions at once)
+    receive_timeout_s: float = 60.0  # a client must send one whole request within this
+    send_timeout_s: float = 60.0  # a client must take each reply chunk within this (it may never read)
 
 
 class Backend(Protocol):
@@ -50,8 +67,8 @@ def split_message(data: bytes, cls=runtime_pb2.ExpertRequest) -> Iterator:
         yield cls(metadata=bytes(payload[offset : offset + CHUNK_BYTES]))
 
 
-async def join_message(stream: AsyncIterator, limit: int = MAX_MESSAGE_BYTES) -> bytes:
-    """Reassemble `split_message`'s chunks, refusing a message over `limit` before reading it."""
+async def read_header(stream: AsyncIterator, limit: int = MAX_MESSAGE_BYTES) -> tuple[int, bytes]:
+    """The announced total size and the payload of the first chunk, refusing a total over `limit`."""
     try:
         first = await stream.__anext__()
     except StopAsyncIteration:
@@ -61,7 +78,14 @@ async def join_message(stream: AsyncIterator, limit: int = MAX_MESSAGE_BYTES) ->
     (total,) = _HEADER.unpack_from(first.metadata)
     if total > limit:
         raise MessageTooLarge(f"message of {total} bytes exceeds the limit of {limit} bytes")
-    parts, size = [first.metadata[_HEADER.size :]], len(first.metadata) - _HEADER.size
+    return total, first.metadata[_HEADER.size :]
+
+
+async def read_body(stream: AsyncIterator, total: int, first: bytes) -> bytes:
+    """The rest of a message announced as `total` bytes, read to the end of the stream."""
+    parts, size = [first], len(first)
+    if size > total:
+        raise MessageTooLarge(f"message announced {total} bytes, more arrived")
     # read to the end of the stream, not just to `total`: hivemind closes a stream as soon as the
     # handler returns, so a side that stops reading early can break the other's end-of-stream write
     async for chunk in stream:
@@ -74,26 +98,94 @@ async def join_message(stream: AsyncIterator, limit: int = MAX_MESSAGE_BYTES) ->
     return b"".join(parts)
 
 
-class BlockService(ServicerBase):
-    """Registered by peers (with their backend); clients use `BlockService.get_stub(p2p, peer_id)`."""
+async def join_message(stream: AsyncIterator, limit: int = MAX_MESSAGE_BYTES) -> bytes:
+    """Reassemble `split_message`'s chunks, refusing a message over `limit` before reading it."""
+    total, first = await read_header(stream, limit)
+    return await read_body(stream, total, first)
 
-    def __init__(self, backend: Backend | None = None, receive_timeout: float = 60.0):
+
+async def _drain(stream: AsyncIterator) -> None:
+    """Read and drop the rest of a stream (so the sender's end-of-stream write does not break)."""
+    async for _ in stream:
+        pass
+
+
+class BlockService(ServicerBase):
+    """Registered by peers (with their backend); clients use `BlockService.get_stub(p2p, peer_id)`.
+
+    Before a request reaches the backend: its announced size is checked and reserved against
+    `RpcLimits.max_inflight_bytes` (so memory stays bounded however many clients send at once), the
+    number of requests in flight is bounded per client and overall, the whole request must arrive
+    within `receive_timeout_s`, and each reply chunk must be taken within `send_timeout_s`. A refusal
+    is an error reply (`retry: true`); the peer goes on serving.
+    """
+
+    def __init__(self, backend: Backend | None = None, receive_timeout: float | None = None, limits: RpcLimits | None = None):
         self.backend = backend
-        self.receive_timeout = receive_timeout  # seconds a client may take to send one whole request
+        limits = limits or RpcLimits()
+        if receive_timeout is not None:
+            limits = RpcLimits(**{**limits.__dict__, "receive_timeout_s": receive_timeout})
+        self.limits = limits
+        self.receive_timeout = limits.receive_timeout_s
+        self._inflight_bytes = 0
+        self._inflight_steps = 0
+        self._per_client: dict[str, int] = {}
 
     async def rpc_step(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        limits, client = self.limits, context.remote_id.to_base58()
+        reserved, counted = 0, False
         try:
-            data = await asyncio.wait_for(join_message(requests), self.receive_timeout)
-        except MessageTooLarge as exc:
+            mine = self._per_client.get(client, 0)
+            if self._inflight_steps >= limits.max_inflight_steps:
+                raise PeerBusy(f"peer busy: {self._inflight_steps} requests in flight (limit {limits.max_inflight_steps})")
+            if mine >= limits.max_inflight_steps_per_client:
+                raise PeerBusy(
+                    f"this client has {mine} requests in flight here (limit {limits.max_inflight_steps_per_client})"
+                )
+            self._inflight_steps += 1
+            self._per_client[client] = mine + 1
+            counted = True
+            async with asyncio.timeout(limits.receive_timeout_s):
+                total, first = await read_header(requests, limits.max_message_bytes)
+                if self._inflight_bytes + total > limits.max_inflight_bytes:
+                    raise PeerBusy(
+                        f"peer busy: {self._inflight_bytes} bytes of requests in flight, {total} more would exceed "
+                        f"{limits.max_inflight_bytes}"
+                    )
+                self._inflight_bytes += total
+                reserved = total
+                data = await read_body(requests, total, first)
+        except TimeoutError:
+            reply = encode_message(error_to_wire(PeerBusy(f"request not received within {limits.receive_timeout_s} s")))
+        except RequestRefused as exc:
             reply = encode_message(error_to_wire(exc))
-        except asyncio.TimeoutError:
-            reply = encode_message(error_to_wire(TimeoutError(f"request not received within {self.receive_timeout} s")))
+            try:  # let an honest sender finish its write (its reply says why), within the same time bound
+                await asyncio.wait_for(_drain(requests), limits.receive_timeout_s)
+            except Exception:  # noqa: BLE001 - best effort; the reply goes out regardless
+                pass
         else:
-            reply = await self.backend.step(data, context.remote_id.to_base58())
+            reply = await self.backend.step(data, client)
+        finally:
+            self._inflight_bytes -= reserved
+            if counted:
+                self._inflight_steps -= 1
+                left = self._per_client[client] - 1
+                if left:
+                    self._per_client[client] = left
+                else:
+                    del self._per_client[client]
+        # a client that never reads would block this stream forever: cancel it after send_timeout_s
+        # (hivemind writes each yielded chunk from the task that iterates this generator)
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         for chunk in split_message(reply, runtime_pb2.ExpertResponse):
-            yield chunk
+            watchdog = loop.call_later(limits.send_timeout_s, task.cancel)
+            try:
+                yield chunk
+            finally:
+                watchdog.cancel()
 
     async def rpc_close(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         closed = await self.backend.close_session(request.uid[:128], context.remote_id.to_base58())
