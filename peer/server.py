@@ -28,7 +28,7 @@ from peer.throughput import cache_key as throughput_cache_key
 from peer.throughput import cached_or_measure
 from swarm import __version__
 from swarm.assignment import make_plan
-from swarm.protocol import ProtocolError, error_to_wire
+from swarm.protocol import RequestRefused, error_to_wire
 from swarm.records import PeerRecord, model_key
 from swarm.registry import announce_peer, get_peers, local_peer_id, make_dht, read_control
 from swarm.rpc import BlockService
@@ -65,7 +65,7 @@ class PeerConfig:
     limits: RunnerLimits = field(default_factory=RunnerLimits)
 
 
-class NotServing(ProtocolError):
+class NotServing(RequestRefused):
     """The peer has no blocks loaded right now (joining, or moving to a new range)."""
 
 
