@@ -88,8 +88,9 @@ class StepRequest:
     def from_wire(cls, msg: Any) -> "StepRequest":
         if not isinstance(msg, dict):
             raise ProtocolError(f"a step request must be a map, got {type(msg).__name__}")
-        if msg.get("v") != PROTOCOL_VERSION:
-            raise ProtocolError(f"protocol version {msg.get('v')!r} is not supported (this peer speaks {PROTOCOL_VERSION})")
+        version = msg.get("v")
+        if type(version) is not int or version != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {version!r:.40} is not supported (this peer speaks {PROTOCOL_VERSION})")
         start, end = _int(msg, "start"), _int(msg, "end")
         if not 0 <= start < end < 1 << 31:
             raise ProtocolError(f"block range {start}:{end} is empty, negative or absurd")
@@ -170,7 +171,7 @@ class StepResponse:
 
 def _cache_op(i: int, op: Any) -> tuple[str, Any]:
     """One ``[name, argument]`` cache operation, checked for what it can be without the session's cache."""
-    if not (isinstance(op, list) and len(op) == 2 and op[0] in CACHE_OPS):
+    if not (isinstance(op, list) and len(op) == 2 and isinstance(op[0], str) and op[0] in CACHE_OPS):
         raise ProtocolError(f"cache_ops[{i}] must be [name, argument] with name in {sorted(CACHE_OPS)}")
     name, arg = op
     expected = CACHE_OPS[name]
