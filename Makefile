@@ -11,8 +11,9 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 
 venv: $(STAMP)
 
+# a whole swarm on this machine (DHT, coordinator, peers, dashboard); Ctrl-C stops it. ARGS="--once" runs it and exits
 demo: $(STAMP)
-	$(PY) -m cli.split_demo
+	$(VENV)/bin/swarm demo $(ARGS)
 
 test: $(STAMP)
 	bash scripts/install_browser.sh $(VENV)

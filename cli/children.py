@@ -33,15 +33,17 @@ class ChildFailed(RuntimeError):
 class Child:
     """One `swarm` subcommand running as a child process."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict, echo: bool):
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path | None, env: dict, echo: bool):
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._echo = echo
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "w", encoding="utf-8", buffering=1)
+        self._log = None
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(log_path, "w", encoding="utf-8", buffering=1)
         self.popen = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
             text=True, errors="replace", start_new_session=True,
@@ -58,17 +60,18 @@ class Child:
         return self.popen.poll() is None
 
     def _pump(self) -> None:
-        assert self.popen.stdout is not None
         for raw in self.popen.stdout:
             # progress bars redraw with carriage returns: keep their last state only
             line = raw.rstrip("\n").rsplit("\r", 1)[-1]
-            self._log.write(line + "\n")
+            if self._log is not None:
+                self._log.write(line + "\n")
             self.tail.append(line)
             self._lines.put(line)
             if self._echo:
                 print(f"  [{self.name}] {line}", flush=True)
         self._lines.put(None)
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
 
     def wait_for(self, predicate: Callable[[str], bool], timeout: float, what: str) -> str:
         """The first new output line for which `predicate` holds. Raises `ChildFailed` if the child exits or
@@ -92,7 +95,8 @@ class Child:
         self._pump_thread.join(timeout=2)  # let the last lines in
         lines = [line for line in self.tail if line.strip()][-15:]
         command = " ".join(["swarm", *self.argv[3:]])  # argv = [python, -m, cli.main, ...]
-        return (f"{self.name} {what}.\n  command: {command}\n  log: {self.log_path}\n  last lines:\n"
+        log = f"\n  log: {self.log_path}" if self.log_path else ""
+        return (f"{self.name} {what}.\n  command: {command}{log}\n  last lines:\n"
                 + "\n".join(f"    {line}" for line in lines))
 
     def signal(self, sig: int) -> None:
@@ -111,8 +115,8 @@ class Child:
 class Children:
     """A set of child processes stopped together (context manager)."""
 
-    def __init__(self, log_dir: Path, echo: bool = False, verbose: bool = False, env: dict | None = None):
-        self.log_dir = Path(log_dir)
+    def __init__(self, log_dir: Path | None, echo: bool = False, verbose: bool = False, env: dict | None = None):
+        self.log_dir = Path(log_dir) if log_dir is not None else None  # None: no log files (output only echoed)
         self.echo = echo
         self.verbose = verbose
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -128,7 +132,8 @@ class Children:
     def spawn(self, name: str, *args: str, env: dict | None = None) -> Child:
         argv = [sys.executable, "-m", "cli.main", *(["-v"] if self.verbose else []), *args]
         log_name = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
-        child = Child(name, argv, self.log_dir / f"{log_name}.log", {**self.env, **(env or {})}, self.echo)
+        log_path = self.log_dir / f"{log_name}.log" if self.log_dir is not None else None
+        child = Child(name, argv, log_path, {**self.env, **(env or {})}, self.echo)
         self.children.append(child)
         return child
 

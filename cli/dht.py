@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 
 from cli.common import add_initial_peers
@@ -31,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
             relay_hop_limit=args.relay_hop_limit,
         )
     except Exception as exc:  # noqa: BLE001 - one clear line instead of a hivemind traceback
-        print(f"error: could not start the DHT node on {args.host}:{args.port}: {exc}")
+        from cli.errors import explain
+
+        print(f"error: could not start the DHT node on {args.host}:{args.port}: {explain(exc) or exc}", file=sys.stderr)
         return 1
     maddrs = [str(a) for a in dht.get_visible_maddrs()]
     print("swarm dht ready; pass these to other nodes as --initial-peers:", flush=True)

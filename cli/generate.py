@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli.common import add_initial_peers
+from cli.common import add_initial_peers, check_model_files
 
 
 def register(sub) -> None:
@@ -42,13 +42,45 @@ class IdStreamer:
 
 
 def run(args: argparse.Namespace) -> int:
+    problem = check_model_files(args.model)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        return 2
     import torch
 
-    from swarm.client import AutoDistributedModelForCausalLM
+    from swarm.client import AutoDistributedModelForCausalLM, SwarmConnection
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers)
+    connection = SwarmConnection(args.initial_peers)
+    try:
+        model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
+                                                                connection=connection)
+        warn_if_uncovered(model)
+        return _generate(args, model)
+    finally:
+        connection.close()
+
+
+def warn_if_uncovered(model) -> None:
+    """Say so before generating when some blocks have no peer: the client then waits for peers to join."""
+    from swarm.status import collect_status
+
+    key = model.swarm_model_key
+    status = collect_status(model.swarm_connection.dht, {key: None})["models"][0]
+    if not any(p["state"] == "online" for p in status["peers"]):
+        print(f"note: no online peer serves {key} yet; waiting for peers to join. Peers must be started with the "
+              "same model (a directory counts by its last component, plus its config.json: `swarm status` lists the "
+              "models being served)", file=sys.stderr, flush=True)
+    elif status["missing"]:
+        missing = ", ".join(f"{a}..{b - 1}" for a, b in status["missing"])
+        print(f"note: no peer serves block(s) {missing} of {status['num_blocks']} yet; waiting for peers to join "
+              f"(`swarm status` shows coverage; start `swarm run-peer` for those blocks)", file=sys.stderr, flush=True)
+
+
+def _generate(args: argparse.Namespace, model) -> int:
+    import torch
+
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
     if args.do_sample:
         kwargs["temperature"] = args.temperature
@@ -73,5 +105,4 @@ def run(args: argparse.Namespace) -> int:
             kwargs["pad_token_id"] = tokenizer.pad_token_id
     with model.inference_session(max_length=ids.shape[1] + args.max_new_tokens):
         model.generate(ids, streamer=streamer, **kwargs)
-    model.swarm_connection.close()
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
 from swarm import __version__
 
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not any(a in ("-v", "--verbose") for a in argv):
+        _quiet_third_party_logs()  # before anything imports hivemind (parsing --initial-peers does)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -45,6 +49,23 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - known user errors become one line; anything else is re-raised
+        from cli.errors import explain
+
+        message = explain(exc)
+        if message is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _quiet_third_party_logs() -> None:
+    """hivemind logs INFO lines through its own handler; by default only warnings and errors are useful."""
+    import os
+
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
-"""`swarm run-peer MODEL`: serve a range of the model's blocks."""
+"""`swarm run-peer MODEL`: serve a range of the model's blocks.
+
+With `--gpus-per-peer K` this process starts one peer process per group of K GPUs instead (each
+sees only its GPUs through CUDA_VISIBLE_DEVICES, handed out by `peer.gpus`), relays their output
+with a `[gpu ...]` prefix, and stops them all on Ctrl-C / SIGTERM.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
-from cli.common import add_initial_peers, parse_blocks
+from cli.common import add_initial_peers, check_model_files, parse_blocks
 
 
 def register(sub) -> None:
@@ -32,10 +39,23 @@ def register(sub) -> None:
     p.add_argument("--num-threads", type=int, default=None,
                    help="torch CPU threads (default: all cores; give each peer a share when several run on one host)")
     p.add_argument("--attn-implementation", default=None, help="transformers attention implementation")
+    p.add_argument("--gpus-per-peer", type=int, default=None, metavar="K",
+                   help="multi-GPU host: start one peer process per group of K GPUs (round-robin through "
+                        "CUDA_VISIBLE_DEVICES); --port P gives peer i port P+i, --identity-path F gives it F-i")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    problem = check_model_files(args.model)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        return 2
+    if args.gpus_per_peer is not None:
+        return run_gpu_peers(args)
+    return run_one(args)
+
+
+def run_one(args: argparse.Namespace) -> int:
     import torch
 
     from peer.capacity import InsufficientMemory
@@ -43,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
     from peer.server import PeerConfig, PeerServer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        print(f"error: --device {device}, but torch sees no CUDA GPU (torch {torch.__version__}"
+              + (f", CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "")
+              + "). Install a CUDA build of torch and check `nvidia-smi`, or use --device cpu", file=sys.stderr, flush=True)
+        return 2
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
     config = PeerConfig(
         model=args.model,
@@ -69,3 +95,92 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+# ---- one peer per GPU group -------------------------------------------------------------------------------
+
+FORWARDED_OPTIONS = [  # (argparse dest, flag) of every option a child peer gets as given
+    ("device", "--device"), ("dtype", "--dtype"), ("max_memory", "--max-memory"), ("cache_tokens", "--cache-tokens"),
+    ("activation_reserve", "--activation-reserve"), ("host", "--host"), ("announce_period", "--announce-period"),
+    ("num_threads", "--num-threads"), ("attn_implementation", "--attn-implementation"),
+]
+
+
+def peer_argv(args: argparse.Namespace, index: int, gpus: list[str]) -> list[str]:
+    """`swarm run-peer` arguments of the peer for GPU group `index` (without --gpus-per-peer)."""
+    argv = ["run-peer", args.model, "--initial-peers", *args.initial_peers]
+    if args.blocks is not None:
+        argv += ["--blocks", f"{args.blocks[0]}:{args.blocks[1]}"]
+    for dest, flag in FORWARDED_OPTIONS:
+        value = getattr(args, dest)
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.port:
+        argv += ["--port", str(args.port + index)]
+    if args.announce_maddrs:
+        argv += ["--announce-maddrs", *(_shift_port(m, index) for m in args.announce_maddrs)]
+    if args.use_auto_relay:
+        argv.append("--use-auto-relay")
+    name = f"{args.public_name}-gpu{'+'.join(gpus)}" if args.public_name else f"gpu{'+'.join(gpus)}"
+    argv += ["--public-name", name[:64]]
+    if args.identity_path:
+        path = Path(args.identity_path)
+        argv += ["--identity-path", str(path.with_name(f"{path.stem}-{index}{path.suffix}"))]
+    return argv
+
+
+def _shift_port(maddr: str, index: int) -> str:
+    """/ip4/X/tcp/P -> /ip4/X/tcp/P+index: each peer announces its own port."""
+    parts = maddr.split("/")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("tcp", "udp") and parts[i + 1].isdigit():
+            parts[i + 1] = str(int(parts[i + 1]) + index)
+    return "/".join(parts)
+
+
+def run_gpu_peers(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from cli.children import Children
+    from peer.gpus import GpuAssignmentError, assign_gpus, unused_gpus, visible_gpus
+
+    if args.device is not None and not args.device.startswith("cuda"):
+        print(f"error: --gpus-per-peer hands out GPUs, but --device is {args.device}; leave --device out", file=sys.stderr)
+        return 2
+    import torch
+
+    gpus = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
+    try:
+        groups = assign_gpus(gpus, args.gpus_per_peer)
+    except GpuAssignmentError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(f"swarm run-peer: {len(groups)} peer process{'es' * (len(groups) != 1)} on GPUs "
+          + "; ".join(",".join(g) for g in groups), flush=True)
+    left = unused_gpus(gpus, groups)
+    if left:
+        print(f"note: GPU {','.join(left)} is left unused ({len(gpus)} GPUs are not a multiple of {args.gpus_per_peer})",
+              flush=True)
+    if args.gpus_per_peer > 1:
+        print("note: a peer runs its blocks on the first GPU of its group today; the others only reserve room",
+              flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    failed = False
+    with Children(log_dir=None, echo=True, verbose=args.verbose) as children:
+        for i, group in enumerate(groups):
+            child_args = peer_argv(args, i, group)
+            if args.device is None:
+                child_args += ["--device", "cuda"]
+            children.spawn(f"gpu {','.join(group)}", *child_args, env={"CUDA_VISIBLE_DEVICES": ",".join(group)})
+        running = list(children.children)
+        while running and not stop.wait(0.5):
+            for child in [c for c in running if not c.alive]:
+                running.remove(child)
+                code = child.popen.returncode
+                if code:
+                    failed = True
+                    print(f"[{child.name}] exited with code {code}", file=sys.stderr, flush=True)
+    return 1 if failed else 0

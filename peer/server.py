@@ -193,6 +193,11 @@ class PeerServer:
         try:
             loop.run_until_complete(self._serve())
         finally:
+            # as asyncio.run does: cancel what the p2p client left running, or closing prints "Task was destroyed"
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     async def _serve(self) -> None:
