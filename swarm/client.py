@@ -13,6 +13,7 @@ cheapest chain of peers covering all blocks, and talks to them over hivemind's l
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import threading
@@ -127,6 +128,8 @@ class SwarmConnection:
         self.loop = BackgroundLoop()
         self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=config.connect_timeout)
         self.transport = P2PTransport(self.p2p, self.loop, config)
+        self._closed = False
+        atexit.register(self.close)  # a script that never calls close() exits without "Task was destroyed" noise
 
     def peers(self, key: str) -> dict[str, PeerRecord]:
         from swarm.registry import get_peers
@@ -134,6 +137,10 @@ class SwarmConnection:
         return get_peers(self.dht, key)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
         try:
             self.loop.run(self.p2p.shutdown(), timeout=5)
         except Exception as exc:  # noqa: BLE001 - closing is best effort
