@@ -372,6 +372,8 @@ def _raise_on_termination() -> None:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
+            if signal.getsignal(sig) is signal.SIG_IGN:  # e.g. SIGHUP under nohup: the user wants it ignored
+                continue
             signal.signal(sig, interrupt)
         except (ValueError, OSError):  # not the main thread, or no such signal here
             pass
