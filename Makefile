@@ -15,9 +15,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/swarm demo $(ARGS)
 
+# PYTEST_ARGS narrows the run, e.g. make test PYTEST_ARGS="tests/test_demo.py -x"
 test: $(STAMP)
 	bash scripts/install_browser.sh $(VENV)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest $(or $(PYTEST_ARGS),tests) -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
