@@ -7,6 +7,7 @@ model. Sessions belong to the client that opened them and expire when unused.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from swarm.wire import CacheRef
 # Cache classes a session may ask for: built empty from the model config, growing with what is stored.
 # (StaticCache and friends preallocate their full length up front: not a thing to build on request.)
 CACHE_CLASSES = ("DynamicCache",)
+
+
+logger = logging.getLogger(__name__)
 
 
 class SessionError(RequestRefused):
@@ -38,6 +42,7 @@ class RunnerLimits:
     session_ttl_s: float = 300.0  # a session unused this long is dropped (its client vanished)
     max_session_length: int = 8192  # tokens one session may hold (per sequence of its batch)
     max_cache_tokens: int = 262144  # KV budget: sequences x tokens held by all sessions together
+    max_kept_reply_bytes: int = 1 << 20  # a session's last reply is kept (to answer a retry) up to this size
 
 
 @dataclass
@@ -48,6 +53,8 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     tokens: int = 0  # batch x length this session's cache holds, counted against the KV budget
     reserved: int = 0  # batch x max_length the client announced at opening, held against the KV budget
+    steps: int = 0  # steps run in this session
+    last_reply: torch.Tensor | None = None  # the reply to step `steps - 1`, kept to answer a retry of it
 
     @property
     def charged(self) -> int:
@@ -80,7 +87,7 @@ class BlockRunner:
             if session is not None:
                 if session.owner != owner:
                     raise SessionError(f"session {req.session_id!r} belongs to another client")
-                if req.new_session:
+                if req.new_session and not (req.step == 0 and session.steps == 1):  # else: a retried first step
                     raise SessionError(f"session {req.session_id!r} is already open on this peer")
                 session.last_used = now
                 return session
@@ -191,9 +198,29 @@ class BlockRunner:
     def step(self, req: StepRequest, owner: str = "local") -> StepResponse:
         self.validate(req)
         session = self._session(req, owner)
-        cache = session.cache if session is not None else None
-        if session is not None:
+        if session is None:
+            return StepResponse(hidden=self._compute(req, None))
+        if req.step is not None and req.step != session.steps:
+            if req.step == session.steps - 1 and session.last_reply is not None:
+                logger.debug("step %d of session %s repeated (its reply was lost)", req.step, req.session_id)
+                return StepResponse(hidden=session.last_reply)  # a retry: its reply was lost on the way
+            raise SessionError(
+                f"step {req.step} of session {req.session_id!r} is out of order: this peer has run {session.steps} "
+                "step(s) of it" + (" and kept no reply to repeat" if req.step == session.steps - 1 else "")
+            )
+        try:
             self._admit(session, req)
+            hidden = self._compute(req, session.cache)
+        except BaseException:
+            # the cache may hold part of this step now: the session cannot go on, the client rebuilds it elsewhere
+            self._drop(session)
+            raise
+        session.steps += 1
+        keep = hidden.numel() * hidden.element_size() <= self.limits.max_kept_reply_bytes
+        session.last_reply = hidden if keep else None
+        return StepResponse(hidden=hidden)
+
+    def _compute(self, req: StepRequest, cache) -> torch.Tensor:
         device, dtype = self.loaded.device, self.loaded.dtype
         hidden = req.hidden.to(device=device, dtype=dtype)
         calls = [
@@ -206,7 +233,12 @@ class BlockRunner:
                 block: nn.Module = self.loaded.blocks[i - self.start]
                 out = block(hidden, *args, **kwargs)
                 hidden = out[0] if isinstance(out, (tuple, list)) else out
-        return StepResponse(hidden=hidden.to(req.hidden.dtype))
+        return hidden.to(device="cpu", dtype=req.hidden.dtype)
+
+    def _drop(self, session: Session) -> None:
+        with self._lock:
+            if self._sessions.get(session.session_id) is session:
+                del self._sessions[session.session_id]
 
     def _admit(self, session: Session, req: StepRequest) -> None:
         """Apply the step's cache operations and charge the KV budget, refusing what would not fit."""

@@ -27,9 +27,9 @@ import torch
 from swarm.aio import BackgroundLoop
 from swarm.records import PeerRecord, model_key
 from swarm.remote import bind_session
-from swarm.router import PeerUnreachable, RetryPolicy, SwarmRouter
+from swarm.router import PeerUnreachable, ReplyLost, RetryPolicy, SwarmRouter
 from swarm.routing import Span
-from swarm.rpc import BlockService, join_message, split_message
+from swarm.rpc import BlockService, EmptyStream, read_reply, split_message
 from swarm.splitting import read_config_json
 
 logger = logging.getLogger(__name__)
@@ -73,12 +73,14 @@ class P2PTransport:
             from hivemind.utils.asyncio import iter_as_aiter
 
             stream = await self._stub(peer_id).rpc_step(iter_as_aiter(split_message(request)))
-            return await join_message(stream)
+            return await read_reply(stream)
 
         try:
             return self.loop.run(call(), timeout=self.config.step_timeout)
         except TimeoutError as exc:
             raise PeerUnreachable(f"peer {peer_id} did not answer within {self.config.step_timeout} s") from exc
+        except EmptyStream as exc:
+            raise ReplyLost(f"peer {peer_id}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - P2P errors of every kind mean the same to the caller
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise

@@ -67,6 +67,11 @@ class StepRequest:
     cache_ops: list[tuple[str, Any]] = field(default_factory=list)  # applied before this step, in order
     attn_implementation: str | None = None  # the client's; masks are built for it, so the peer must match
     max_length: int | None = None  # tokens the session may reach; reserves the KV budget at session start
+    step: int | None = None  # in a session: how many steps this peer has run for it before this one (see below)
+
+    # `step` makes a retried request safe: a peer that already ran step n of a session answers a repeat
+    # of it with the reply it kept, instead of running it twice (its reply may have been lost on the way);
+    # a step that does not follow the session's last one is refused. Without it, steps are not checked.
 
     def to_wire(self) -> dict:
         return {
@@ -82,6 +87,7 @@ class StepRequest:
             "cache_ops": [[name, arg] for name, arg in self.cache_ops],
             "attn_implementation": self.attn_implementation,
             "max_length": self.max_length,
+            "step": self.step,
         }
 
     @classmethod
@@ -133,6 +139,9 @@ class StepRequest:
         max_length = _opt(msg, "max_length", int)
         if max_length is not None and not 0 < max_length < 1 << 31:
             raise ProtocolError(f"max_length must be in 1..{(1 << 31) - 1}, got {max_length}")
+        step = _opt(msg, "step", int)
+        if step is not None and (session_id is None or not 0 <= step < 1 << 31):
+            raise ProtocolError(f"step must be in 0..{(1 << 31) - 1} and needs a session, got {step}")
         cache_class = _opt(msg, "cache_class", str)
         attn_implementation = _opt(msg, "attn_implementation", str)
         for key, value in (("cache_class", cache_class), ("attn_implementation", attn_implementation)):
@@ -150,6 +159,7 @@ class StepRequest:
             cache_ops=ops,
             attn_implementation=attn_implementation,
             max_length=max_length,
+            step=step,
         )
 
 

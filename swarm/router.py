@@ -49,6 +49,12 @@ class PeerUnreachable(RuntimeError):
     """A peer did not answer (dead, unreachable, or too slow). Transports raise this."""
 
 
+class ReplyLost(PeerUnreachable):
+    """The stream to a peer closed without a reply, though the peer was reached. The router repeats
+    the request once (a session step carries its `step` number, so a peer that ran it answers again
+    without running it twice) before it counts as a failure."""
+
+
 class SessionLost(RuntimeError):
     """A session's peer failed and its history could not be replayed (the history was over its limit)."""
 
@@ -119,6 +125,7 @@ def build_step(
     *,
     session_id: str | None = None,
     new_session: bool | None = None,
+    step: int | None = None,
 ) -> StepRequest:
     """One hop's request: the arguments of layers ``[hop.start, hop.end)``, each distinct set sent once.
 
@@ -150,6 +157,7 @@ def build_step(
         cache_ops=list(cache_ops),
         attn_implementation=attn_implementation,
         max_length=session.max_length if session else None,
+        step=step if session else None,
     )
 
 
@@ -327,7 +335,7 @@ class SwarmRouter:
             calls = layer_calls if i == t else decode_message(step.calls)
             request = build_step(
                 hop, step.inputs[hop.start], calls, session, step.ops, attn_implementation,
-                session_id=shop.session_id, new_session=shop.synced == 0,
+                session_id=shop.session_id, new_session=shop.synced == 0, step=i,
             )
             out = self._send(hop, request)
             shop.synced = i + 1
@@ -362,7 +370,12 @@ class SwarmRouter:
         """Send one request; a failure of the peer raises `_PeerFailed`, the request's own fault `RemoteError`."""
         data = encode_message(request.to_wire())  # TypeError/ValueError here are the caller's: not caught
         try:
-            reply = decode_message(self.transport.step(hop.peer_id, data))
+            try:
+                raw = self.transport.step(hop.peer_id, data)
+            except ReplyLost as exc:
+                logger.info("%s; repeating the request once", exc)
+                raw = self.transport.step(hop.peer_id, data)
+            reply = decode_message(raw)
             raise_if_error(reply, hop.peer_id)
             out = StepResponse.from_wire(reply).hidden
         except RemoteError as exc:

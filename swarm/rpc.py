@@ -33,6 +33,10 @@ class MessageTooLarge(RequestRefused):
     """A stream message over the receiver's limit, or one whose chunks do not add up to its header."""
 
 
+class EmptyStream(MessageTooLarge):
+    """The stream ended before its first message: the other side closed it without sending anything."""
+
+
 class PeerBusy(RequestRefused):
     """The peer has too many requests (or bytes) in flight; retry later or elsewhere."""
 
@@ -47,6 +51,7 @@ class RpcLimits:
     max_inflight_steps_per_client: int = 64  # the same, per client (a client runs several sessions at once)
     receive_timeout_s: float = 60.0  # a client must send one whole request within this
     send_timeout_s: float = 60.0  # a client must take each reply chunk within this (it may never read)
+    linger_s: float = 10.0  # after the reply, wait this long for the client to close the stream (see rpc_step)
 
 
 class Backend(Protocol):
@@ -72,7 +77,7 @@ async def read_header(stream: AsyncIterator, limit: int = MAX_MESSAGE_BYTES) -> 
     try:
         first = await stream.__anext__()
     except StopAsyncIteration:
-        raise MessageTooLarge("the stream ended before any message arrived") from None
+        raise EmptyStream("the stream ended before any message arrived") from None
     if len(first.metadata) < _HEADER.size:
         raise MessageTooLarge(f"first chunk of {len(first.metadata)} bytes has no size header")
     (total,) = _HEADER.unpack_from(first.metadata)
@@ -81,27 +86,44 @@ async def read_header(stream: AsyncIterator, limit: int = MAX_MESSAGE_BYTES) -> 
     return total, first.metadata[_HEADER.size :]
 
 
-async def read_body(stream: AsyncIterator, total: int, first: bytes) -> bytes:
-    """The rest of a message announced as `total` bytes, read to the end of the stream."""
+async def read_body(stream: AsyncIterator, total: int, first: bytes, to_end: bool = True) -> bytes:
+    """The rest of a message announced as `total` bytes; with `to_end`, read to the end of the stream.
+
+    Peers read requests to the end: hivemind closes a stream as soon as the handler returns, so a peer
+    that stopped reading early could break the client's end-of-stream write. Clients stop at `total`
+    and close the stream themselves (see `BlockService.rpc_step`).
+    """
     parts, size = [first], len(first)
     if size > total:
         raise MessageTooLarge(f"message announced {total} bytes, more arrived")
-    # read to the end of the stream, not just to `total`: hivemind closes a stream as soon as the
-    # handler returns, so a side that stops reading early can break the other's end-of-stream write
+    if not to_end and size == total:
+        return b"".join(parts)
     async for chunk in stream:
         size += len(chunk.metadata)
         if size > total:
             raise MessageTooLarge(f"message announced {total} bytes, more arrived")
         parts.append(chunk.metadata)
+        if not to_end and size == total:
+            break
     if size != total:
         raise MessageTooLarge(f"message announced {total} bytes, {size} arrived")
     return b"".join(parts)
 
 
-async def join_message(stream: AsyncIterator, limit: int = MAX_MESSAGE_BYTES) -> bytes:
+async def join_message(stream: AsyncIterator, limit: int = MAX_MESSAGE_BYTES, to_end: bool = True) -> bytes:
     """Reassemble `split_message`'s chunks, refusing a message over `limit` before reading it."""
     total, first = await read_header(stream, limit)
-    return await read_body(stream, total, first)
+    return await read_body(stream, total, first, to_end)
+
+
+async def read_reply(stream: AsyncIterator, limit: int = MAX_MESSAGE_BYTES) -> bytes:
+    """A client's read of a peer's reply: stops at the announced size and closes the stream at once."""
+    try:
+        return await join_message(stream, limit, to_end=False)
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def _drain(stream: AsyncIterator) -> None:
@@ -186,6 +208,11 @@ class BlockService(ServicerBase):
                 yield chunk
             finally:
                 watchdog.cancel()
+        # Let the client close the stream: it does as soon as it holds the announced bytes (`read_reply`),
+        # and hivemind then cancels this generator. Closing from this side right after the reply can get the
+        # stream reset before the client's p2p daemon has passed the reply on (go-yamux drops unread data on
+        # a reset): under load, about one reply in a thousand was lost that way.
+        await asyncio.sleep(limits.linger_s)
 
     async def rpc_close(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         closed = await self.backend.close_session(request.uid[:128], context.remote_id.to_base58())

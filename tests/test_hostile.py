@@ -106,26 +106,24 @@ class Attacker:
     def run(self, coro, timeout: float = 30.0):
         return self.conn.loop.run(coro, timeout=timeout)
 
-    def stream(self, peer_id: str, messages, first_only: bool = False, timeout: float = 30.0):
-        """Send stream messages to `rpc_step`; return the reply's decoded message (or None: stream closed)."""
+    def stream(self, peer_id: str, messages, timeout: float = 30.0):
+        """Send stream messages to `rpc_step`; return the reply's decoded message (None: closed without one).
+
+        Like swarm's client, stops reading at the reply's announced size and closes the stream (a peer
+        leaves closing to the client)."""
         from hivemind.p2p import PeerID
+
+        from swarm.rpc import EmptyStream, read_reply
 
         async def call():
             stub = BlockService.get_stub(self.conn.p2p, PeerID.from_base58(peer_id))
-            responses = await stub.rpc_step(messages)
-            chunks = []
-            async for chunk in responses:
-                chunks.append(chunk.metadata)
-                if first_only:  # its writer never finishes: stop at the first reply chunk
-                    await responses.aclose()
-                    break
-            return b"".join(chunks)
+            try:
+                return await read_reply(await stub.rpc_step(messages))
+            except EmptyStream:
+                return b""
 
         data = self.run(call(), timeout)
-        if not data:
-            return None
-        (total,) = struct.unpack_from(">Q", data)
-        return decode_message(data[8 : 8 + total])
+        return decode_message(data) if data else None
 
     def step(self, peer_id: str, payload: bytes) -> dict:
         from hivemind.utils.asyncio import iter_as_aiter
@@ -251,7 +249,7 @@ def test_hostile_requests_get_clear_errors_memory_stays_bounded_honest_session_c
 
         # a client that never finishes sending: the peer answers after receive_timeout_s and goes on
         began = time.monotonic()
-        reply = attacker.stream(peer, _never_finishing(), first_only=True, timeout=RPC["receive_timeout_s"] + 20)
+        reply = attacker.stream(peer, _never_finishing(), timeout=RPC["receive_timeout_s"] + 20)
         expect_error(reply, "not received within 3.0 s", retry=True)
         assert time.monotonic() - began < RPC["receive_timeout_s"] + 10
         assert "error" not in attacker.step(peer, request())  # still serving

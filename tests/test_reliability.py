@@ -28,7 +28,7 @@ from swarm.client import DistributedModelMixin
 from swarm.local import LocalTransport
 from swarm.model import load_client_model
 from swarm.protocol import RemoteError, error_to_wire
-from swarm.router import Bans, PeerUnreachable, RetryPolicy, SessionLost, SwarmRouter
+from swarm.router import Bans, PeerUnreachable, ReplyLost, RetryPolicy, SessionLost, SwarmRouter
 from swarm.routing import MissingBlocksError, Span
 from swarm.wire import encode_message
 from tests.tiny_models import save_tiny
@@ -51,8 +51,8 @@ class FaultyTransport:
 
     def kill_when(self, peers: set[str], at: int, mode: str = "dead") -> None:
         """Once the triggers before it have fired: the `at`-th step sent to any of `peers` fails, in `mode`:
-        "dead" (unreachable from then on), "lost" (runs the step, the reply is lost), "error" (a retryable
-        error reply)."""
+        "dead" (unreachable from then on), "lost" (runs the step, the reply is lost: `ReplyLost`), "error"
+        (a retryable error reply)."""
         self.triggers.append({"peers": set(peers), "at": at, "mode": mode, "seen": 0})
 
     def step(self, peer_id: str, request: bytes) -> bytes:
@@ -69,7 +69,7 @@ class FaultyTransport:
                     raise PeerUnreachable(f"peer {peer_id} died")
                 if trigger["mode"] == "lost":
                     self.inner.step(peer_id, request)
-                    raise PeerUnreachable(f"peer {peer_id}: the stream ended before any message arrived")
+                    raise ReplyLost(f"peer {peer_id}: the stream ended before any message arrived")
                 return encode_message(error_to_wire(RuntimeError("CUDA error: an illegal memory access")))
         return self.inner.step(peer_id, request)
 
@@ -149,7 +149,8 @@ def test_beam_search_and_padded_batch_survive_failures(llama):
     assert torch.equal(split.generate(ids(), **beams), local.generate(ids(), **beams))
     assert not transport.triggers
     x, mask = padded_batch()
-    transport.kill_when({peers[1].peer_id, peers[3].peer_id}, at=5, mode="lost")  # the peer ran it: fresh session
+    transport.kill_when({peers[1].peer_id, peers[3].peer_id}, at=5, mode="lost")  # lost twice: the peer is replaced
+    transport.kill_when({peers[1].peer_id, peers[3].peer_id}, at=1, mode="lost")
     got = split.generate(x, attention_mask=mask, **GREEDY)
     assert torch.equal(got, local.generate(x, attention_mask=mask, **GREEDY))
     assert not transport.triggers
@@ -177,6 +178,20 @@ def test_failure_during_replay_and_peer_errors_reroute_again(llama):
     transport.kill_when(everyone, at=3, mode="error")  # its replacement fails (retryably) while replaying
     assert torch.equal(split.generate(ids(), **GREEDY), local.generate(ids(), **GREEDY))
     assert len(transport.dead) == 1 and not transport.triggers
+
+
+def test_a_lost_reply_is_repeated_and_the_peer_does_not_run_the_step_twice(llama):
+    path, local = llama
+    split, peers, transport, _, router = make_split(path, [(0, 3), (3, 6)])
+    transport.kill_when({peers[1].peer_id}, at=6, mode="lost")  # the peer ran step 6; its reply is lost once
+    with split.inference_session(max_length=64) as cache:
+        out = split.generate(ids(), **GREEDY)
+        runner = peers[1].handler.runner
+        (session,) = runner._sessions.values()
+        assert session.steps == GREEDY["max_new_tokens"]  # one per forward pass: the repeat ran nothing
+        assert [h.peer_id for h in cache._swarm_session.hops] == [peers[0].peer_id, peers[1].peer_id]
+    assert torch.equal(out, local.generate(ids(), **GREEDY))
+    assert not transport.triggers and router.bans.active() == frozenset()
 
 
 def test_stateless_forward_retries_on_another_route(llama):
