@@ -91,6 +91,19 @@ class Child:
             if predicate(line):
                 return line
 
+    def poll(self, predicate: Callable[[str], bool]) -> str | None:
+        """Like `wait_for`, without waiting: the first new line for which `predicate` holds, or None."""
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                return None
+            if line is None:
+                self._lines.put(None)  # keep reporting the exit
+                raise ChildFailed(self.failure(f"exited with code {self.popen.wait()}"))
+            if predicate(line):
+                return line
+
     def failure(self, what: str) -> str:
         self._pump_thread.join(timeout=2)  # let the last lines in
         lines = [line for line in self.tail if line.strip()][-15:]
@@ -110,6 +123,26 @@ class Child:
             os.killpg(self.popen.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def wait_all(children: Sequence[Child], predicate: Callable[[str], bool], timeout: float, what: str,
+             on_ready: Callable[[Child, str], None] | None = None) -> dict[str, str]:
+    """Wait until every child printed a line for which `predicate` holds, in whatever order; returns
+    name -> line. Raises `ChildFailed` as soon as one exits, or when `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    pending, found = list(children), {}
+    while pending:
+        for child in list(pending):
+            line = child.poll(predicate)
+            if line is not None:
+                found[child.name] = line
+                pending.remove(child)
+                if on_ready is not None:
+                    on_ready(child, line)
+        if pending and time.monotonic() > deadline:
+            raise ChildFailed(pending[0].failure(f"did not report {what} within {timeout:.0f} s"))
+        time.sleep(0.1)
+    return found
 
 
 class Children:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli.children import ChildFailed, Children
+from cli.children import ChildFailed, Children, wait_all
 
 MIB = 2**20
 
@@ -193,18 +193,21 @@ class Demo:
         deadline = time.monotonic() + cfg.ready_timeout_s
         url_line = dashboard.wait_for(lambda line: line.startswith("swarm dashboard serving "), 60, "its URL")
         url = url_line.split()[3]
-        for proc, memory, blocks in lm_peers:
-            proc.wait_for(lambda line: line.startswith("swarm peer ready "), max(1.0, deadline - time.monotonic()),
-                          "ready")
-        for proc, _ in sentence_peers:
-            proc.wait_for(lambda line: line.startswith("swarm peer ready "), max(1.0, deadline - time.monotonic()),
-                          "ready")
-
+        peers = [proc for proc, *_ in lm_peers] + [proc for proc, _ in sentence_peers]
+        # each peer sizes itself, measures its speed, joins, gets a range and loads it: show how many are done
         from swarm.client import SwarmConnection
 
-        connection = SwarmConnection([addr])
+        bar = _progress(len(peers) + 1, "peers loading their blocks", disable=cfg.verbose)
+        connection = None
         try:
+            wait_all(peers, lambda line: line.startswith("swarm peer ready "), cfg.ready_timeout_s, "ready",
+                     on_ready=lambda child, line: bar.update())
+            bar.set_description_str("      waiting for the plan to cover every block")
+            connection = SwarmConnection([addr])
             lm_status = self._wait_covered(connection, lm, len(lm_peers), deadline)
+            bar.update()
+            bar.close()
+
             for proc, memory, blocks in lm_peers:
                 entry = next((p for p in lm_status["peers"] if p["public_name"] == proc.name), None)
                 where = f"blocks {entry['blocks'][0]}:{entry['blocks'][1]} (planned)" if entry and entry["blocks"] else "?"
@@ -220,7 +223,9 @@ class Demo:
             if minilm is not None:
                 self._sentences(minilm, addr, connection)
         finally:
-            connection.close()
+            bar.close()
+            if connection is not None:
+                connection.close()
 
         print("\nDashboard: " + url, flush=True)
         print("Try, in another terminal while the demo runs:" if not cfg.once else "Next time, try (while `swarm demo` runs):")
@@ -349,6 +354,13 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
+
+
+def _progress(total: int, what: str, disable: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"      {what}", unit="step", leave=False, disable=disable or not sys.stderr.isatty(),
+                bar_format="{desc}: {n}/{total} {bar:20} {elapsed}")
 
 
 def _float32():
