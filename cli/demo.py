@@ -140,12 +140,17 @@ class Demo:
 
         # 1. the model
         t0 = self.step.start("model")
-        demo = ensure_demo_model(cfg.cache_dir)
+        try:
+            demo = ensure_demo_model(cfg.cache_dir)
+        except OSError as exc:
+            raise DemoError(f"cannot write the demo model to {cfg.cache_dir} ({exc}); pass a writable --cache-dir") from exc
         lm = demo.path
+        import torch
+
         from peer.capacity import block_footprint
         from swarm.splitting import load_config
 
-        footprint = block_footprint(load_config(lm), _float32())
+        footprint = block_footprint(load_config(lm), torch.float32)
         params = _count_params(lm)
         self.step.info(f"{'built' if demo.built else 'cached'}: {lm}  ({footprint.num_blocks} blocks, {params / 1e6:.1f}M "
                        f"parameters, random weights from seed 0, word-level tokenizer; {time.monotonic() - t0:.1f} s)")
@@ -361,12 +366,6 @@ def _progress(total: int, what: str, disable: bool):
 
     return tqdm(total=total, desc=f"      {what}", unit="step", leave=False, disable=disable or not sys.stderr.isatty(),
                 bar_format="{desc}: {n}/{total} {bar:20} {elapsed}")
-
-
-def _float32():
-    import torch
-
-    return torch.float32
 
 
 def _count_params(path: Path) -> int:
