@@ -21,6 +21,10 @@ INITIAL_PEERS_HINT = ("Pass the addresses `swarm dht` printed (/ip4/HOST/tcp/POR
                       "still running and that this machine can reach HOST:PORT (docs/troubleshooting.md)")
 
 
+class UsageError(Exception):
+    """A mistake in the command line found by our own checks; its message is the whole explanation."""
+
+
 def _chain(exc: BaseException):
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -41,6 +45,8 @@ def explain(exc: BaseException) -> str | None:
 def _explain_one(e: BaseException) -> str | None:
     name = type(e).__name__
     text = str(e)
+    if isinstance(e, UsageError):
+        return text
     if name == "P2PDaemonError" or "Daemon failed to start" in text:
         return explain_daemon_failure(text)
     if name == "InsufficientMemory":

@@ -24,6 +24,12 @@ def resolve_models(model: str | None) -> dict[str, str | None] | None:
         return None
     if is_model_key(model):
         return {model: None}
+    from cli.common import check_model_files
+    from cli.errors import UsageError
+
+    problem = check_model_files(model, need_weights=False)
+    if problem:
+        raise UsageError(problem)
     return {model_key(model, read_config_json(model)): model}
 
 

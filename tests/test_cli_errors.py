@@ -89,3 +89,8 @@ def test_explain_recognises_errors_raised_deep_inside():
                        "[listen tcp4 0.0.0.0:31337: bind: address already in use]")
     assert explain(daemon).startswith("port in use: another program already listens on 0.0.0.0:31337")
     assert explain(ValueError("a bug")) is None  # anything unknown keeps its traceback
+
+
+def test_missing_model_for_status_and_coordinator(tmp_path):
+    for command in ("status", "run-coordinator", "dashboard"):
+        assert_clear(swarm(command, str(tmp_path / "nowhere"), "--initial-peers", DEAD), 1, "does not exist")
