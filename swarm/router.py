@@ -200,11 +200,14 @@ class _Recovery:
         self.heal_timeout_s = heal_timeout_s
         self.deadline: float | None = None
         self.errors: list[str] = []  # the failures met, for the final error message
+        self.failed_peers: set[str] = set()  # past the deadline, only routes avoiding these are tried
 
-    def failed(self, message: str) -> None:
+    def failed(self, message: str, peer_id: str | None = None) -> None:
         if self.deadline is None:
             self.deadline = time.monotonic() + self.heal_timeout_s
         self.errors.append(message)
+        if peer_id is not None:
+            self.failed_peers.add(peer_id)
 
     def left(self) -> float:
         return float("inf") if self.deadline is None else self.deadline - time.monotonic()
@@ -282,13 +285,12 @@ class SwarmRouter:
             try:
                 out = self._sync_hop(session, state, shop, t, layer_calls, attn_implementation)
             except _PeerFailed as failure:
-                recovery.failed(str(failure))
+                recovery.failed(str(failure), shop.hop.peer_id)
                 self._retire(shop, failure)
                 if state.history_dropped and t > 0:
                     raise SessionLost(
-                        f"peer {shop.hop.peer_id} (blocks {shop.hop.start}..{shop.hop.end - 1}) failed and session "
-                        f"{session.session_id}'s history was dropped past {self.policy.max_history_bytes} bytes "
-                        f"(RetryPolicy.max_history_bytes), so it cannot be rebuilt elsewhere: {failure}"
+                        f"peer {shop.hop.peer_id} (blocks {shop.hop.start}..{shop.hop.end - 1}) failed: {failure}. "
+                        + self._lost_reason(session)
                     ) from failure.__cause__
                 hops = self._route_with_recovery(shop.hop.start, shop.hop.end, recovery)
                 state.hops[k : k + 1] = [self._fresh_hop(session, state, h) for h in hops]
@@ -300,6 +302,13 @@ class SwarmRouter:
                 continue
             k += 1
         return out
+
+    def _lost_reason(self, session: ClientSession) -> str:
+        return (
+            f"Session {session.session_id}'s replay history was dropped past {self.policy.max_history_bytes} bytes "
+            "(RetryPolicy.max_history_bytes / ClientConfig.max_history_bytes), so its keys and values cannot be "
+            "rebuilt: start a new session, or raise the limit"
+        )
 
     @staticmethod
     def _fresh_hop(session: ClientSession, state: _SessionState, hop: Hop) -> _SessionHop:
@@ -330,6 +339,8 @@ class SwarmRouter:
         """Bring one hop up to step `t` (replaying the steps it has not run) and return its step-`t` output."""
         hop = shop.hop
         out = None
+        if shop.synced < t and state.history_dropped:
+            raise SessionLost(f"blocks {hop.start}..{hop.end - 1} must be rebuilt on {hop.peer_id}. " + self._lost_reason(session))
         for i in range(shop.synced, t + 1):
             step = state.steps[i]
             calls = layer_calls if i == t else decode_message(step.calls)
@@ -356,7 +367,7 @@ class SwarmRouter:
             try:
                 h = self._send(hop, build_step(hop, h, layer_calls, None, [], attn))
             except _PeerFailed as failure:
-                recovery.failed(str(failure))
+                recovery.failed(str(failure), hop.peer_id)
                 self._ban(hop.peer_id, failure)
                 hops = self._route_with_recovery(hop.start, self.num_blocks, recovery)
                 continue
@@ -406,18 +417,20 @@ class SwarmRouter:
     def _route_with_recovery(self, start: int, end: int, recovery: _Recovery) -> list[Hop]:
         """A route for ``[start, end)`` avoiding banned peers, waiting for the swarm to heal if none exists."""
         while True:
-            if recovery.deadline is not None and recovery.left() <= 0:
-                raise self._unavailable(start, end, recovery)
+            # past the deadline, only peers that have not failed during this step are tried: the number of
+            # attempts stays bounded by the number of peers, however often bans expire
+            late = recovery.left() <= 0
+            exclude = self.bans.active() | (frozenset(recovery.failed_peers) if late else frozenset())
             try:
-                return self.route(start, end)
+                return choose_route(self.spans(), self.num_blocks, start=start, end=end, rng=self.rng, exclude=exclude)
             except MissingBlocksError:
                 recovery.failed(f"no usable route for blocks {start}..{end - 1}")
-                if recovery.left() <= 0:
+                if late or recovery.left() <= 0:
                     raise self._unavailable(start, end, recovery) from None
             except Exception as exc:  # noqa: BLE001 - the directory could not be read: as if empty, until the deadline
                 logger.warning("could not read the swarm's peers: %s: %s", type(exc).__name__, exc)
                 recovery.failed(f"no usable route for blocks {start}..{end - 1}")
-                if recovery.left() <= 0:
+                if late or recovery.left() <= 0:
                     raise self._unavailable(start, end, recovery) from exc
             invalidate = getattr(self.spans, "invalidate", None)
             if invalidate is not None:
@@ -437,7 +450,8 @@ class SwarmRouter:
         last = f"; last failures: {'; '.join(peer_errors[-3:])}" if peer_errors else ""
         if uncovered:
             return MissingBlocksError(uncovered, self.num_blocks, detail=waited + last)
-        banned = sorted({s.peer_id for s in spans if s.start < end and s.end > start} & self.bans.active())
+        failed = self.bans.active() | recovery.failed_peers
+        banned = sorted({s.peer_id for s in spans if s.start < end and s.end > start} & failed)
         return MissingBlocksError(
             [(start, end)], self.num_blocks, served=True,
             detail=f"every peer serving them failed recently ({', '.join(banned) or 'none'}); {waited}{last}",

@@ -215,7 +215,7 @@ def test_missing_blocks_fail_within_the_bound_then_the_session_resumes(llama):
         began = time.monotonic()
         with pytest.raises(MissingBlocksError, match=r"block\(s\) 3\.\.5 of 6") as err:
             split.generate(first, max_new_tokens=5, do_sample=False)
-        assert time.monotonic() - began < FAST.heal_timeout_s + 1.0
+        assert time.monotonic() - began < FAST.heal_timeout_s + 3.0
         assert peers[1].peer_id in str(err.value)  # says which peer failed and why
         directory.spans = [s for s in directory.spans if s.peer_id != peers[1].peer_id]
         with pytest.raises(MissingBlocksError, match="no peer serves"):
@@ -249,8 +249,11 @@ def test_history_over_its_limit_ends_the_session_clearly(llama):
     tiny = RetryPolicy(ban_base_s=0.5, heal_timeout_s=1.0, poll_interval_s=0.05, max_history_bytes=10_000)
     split, peers, transport, *_ = make_split(path, [(0, 3), (3, 6), (3, 6)], policy=tiny)
     transport.kill_when({peers[1].peer_id, peers[2].peer_id}, at=12)
-    with pytest.raises(SessionLost, match="max_history_bytes"):
-        split.generate(ids(), **GREEDY)
+    with split.inference_session(max_length=64):
+        with pytest.raises(SessionLost, match="max_history_bytes"):
+            split.generate(ids(), **GREEDY)
+        with pytest.raises(SessionLost, match="start a new session"):  # and it says so again, not something obscure
+            split.generate(ids(), **GREEDY)
 
 
 def test_bans_double_and_expire():
