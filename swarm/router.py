@@ -32,6 +32,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -190,7 +191,6 @@ class _SessionState:
     steps: list[_Step] = field(default_factory=list)
     history_bytes: int = 0
     history_dropped: bool = False  # over RetryPolicy.max_history_bytes: failures can no longer be replayed
-    replacements: int = 0  # counter for fresh per-hop session ids
 
 
 class _Recovery:
@@ -255,7 +255,11 @@ class SwarmRouter:
             state = self._states.get(session.session_id)
         if state is None:
             hops = session.hops if session.hops is not None else self._route_with_recovery(0, self.num_blocks, recovery)
-            state = _SessionState([_SessionHop(h, session.session_id) for h in hops])
+            state = _SessionState([])
+            # a session that failed on its first step may have left its id open on some peer: start over with fresh ids
+            state.hops = [
+                self._fresh_hop(session, state, h) if session.opened_on else _SessionHop(h, session.session_id) for h in hops
+            ]
             with self._lock:
                 self._states[session.session_id] = state
         ops, session.pending_ops = session.pending_ops, []
@@ -313,8 +317,7 @@ class SwarmRouter:
     @staticmethod
     def _fresh_hop(session: ClientSession, state: _SessionState, hop: Hop) -> _SessionHop:
         """A hop that opens a new session on its peer (a fresh id: the peer may hold one of ours already)."""
-        state.replacements += 1
-        return _SessionHop(hop, f"{session.session_id}.{state.replacements}")
+        return _SessionHop(hop, f"{session.session_id}.{uuid.uuid4().hex[:12]}")
 
     def _abandon_step(self, session: ClientSession, state: _SessionState, t: int) -> None:
         """Undo step `t` after it failed for good, so the session stays usable if the caller retries.
