@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 class SessionError(RequestRefused):
-    """Unknown, foreign or over-budget session."""
+    """Unknown, foreign or over-budget session, or a step that does not fit the state this peer holds for it
+    (out of order, batch or cache operation at odds with its cache): the client rebuilds it elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ class BlockRunner:
             batch = _cache_batch(cache, layer) if length else batch
         rows = req.hidden.shape[0]
         if length and batch and rows != batch:
-            raise ProtocolError(f"hidden state has {rows} rows, the session's cache holds {batch}")
+            raise SessionError(f"hidden state has {rows} rows, the session's cache holds {batch}")
         length += req.hidden.shape[1] if req.hidden.ndim > 2 else 1
         if length > self.limits.max_session_length:
             raise SessionError(
@@ -267,7 +268,7 @@ class BlockRunner:
             new_batch = max(batch, 1) * arg
         elif name in ("reorder_cache", "batch_select_indices"):
             if length and batch and arg.numel() and not (0 <= int(arg.min()) and int(arg.max()) < batch):
-                raise ProtocolError(f"cache operation {name}: indices must be in 0..{batch - 1}")
+                raise SessionError(f"cache operation {name}: indices must be in 0..{batch - 1}")
             new_batch = arg.numel()
         else:
             return batch
@@ -301,7 +302,7 @@ class BlockRunner:
             else:
                 getattr(cache, name)(arg)
         except (RuntimeError, IndexError, ValueError) as exc:
-            raise ProtocolError(f"cache operation {name}({arg if not isinstance(arg, torch.Tensor) else tuple(arg.shape)}) failed: {exc}") from exc
+            raise SessionError(f"cache operation {name}({arg if not isinstance(arg, torch.Tensor) else tuple(arg.shape)}) failed: {exc}") from exc
 
 
 def _cache_batch(cache, layer: int) -> int:
