@@ -29,7 +29,7 @@ from swarm.records import PeerRecord, model_key
 from swarm.remote import bind_session
 from swarm.router import PeerUnreachable, ReplyLost, RetryPolicy, SwarmRouter
 from swarm.routing import Span
-from swarm.rpc import BlockService, EmptyStream, read_reply, split_message
+from swarm.rpc import UNARY_MAX_BYTES, BlockService, EmptyStream, read_reply, split_message
 from swarm.splitting import read_config_json
 
 logger = logging.getLogger(__name__)
@@ -70,9 +70,15 @@ class P2PTransport:
 
     def step(self, peer_id: str, request: bytes) -> bytes:
         async def call() -> bytes:
+            from hivemind.proto import runtime_pb2
             from hivemind.utils.asyncio import iter_as_aiter
 
-            stream = await self._stub(peer_id).rpc_step(iter_as_aiter(split_message(request)))
+            stub = self._stub(peer_id)
+            if len(request) <= UNARY_MAX_BYTES:  # the common decode step: one message each way
+                reply = await stub.rpc_step_unary(runtime_pb2.ExpertRequest(metadata=request))
+                if reply.metadata:
+                    return reply.metadata
+            stream = await stub.rpc_step(iter_as_aiter(split_message(request)))
             return await read_reply(stream)
 
         try:
