@@ -49,6 +49,7 @@ class ClientConfig:
     ban_max_s: float = 300.0  # cap of that doubling
     heal_timeout: float = 60.0  # how long a step waits for the swarm to serve missing blocks before failing
     max_history_bytes: int = 1 << 30  # per session, what is kept to replay on a replacement peer (bytes)
+    microbatches: int | None = None  # stateless batches cut into this many in-flight parts; None: automatic, 1: off
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
@@ -279,7 +280,8 @@ def _from_pretrained(
         directory = DHTDirectory(
             connection, key, client_config.directory_ttl, client_config.directory_min_interval, client_config.directory_grace
         )
-        return SwarmRouter(layout.num_blocks, directory, connection.transport, policy=client_config.retry_policy())
+        return SwarmRouter(layout.num_blocks, directory, connection.transport, policy=client_config.retry_policy(),
+                           microbatches=client_config.microbatches)
 
     model = load_client_model(
         model_name_or_path, make_router, auto_class=auto_class, dtype=dtype,

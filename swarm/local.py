@@ -31,6 +31,7 @@ class LocalTransport:
         self.peers[peer_id].handler.close_session(session_id)
 
 
-def local_router(peers: list[LocalPeer], num_blocks: int, seed: int | None = None) -> SwarmRouter:
+def local_router(peers: list[LocalPeer], num_blocks: int, seed: int | None = None,
+                 microbatches: int | None = None) -> SwarmRouter:
     spans = [Span(p.peer_id, p.start, p.end) for p in peers]
-    return SwarmRouter(num_blocks, lambda: spans, LocalTransport(peers), rng=random.Random(seed))
+    return SwarmRouter(num_blocks, lambda: spans, LocalTransport(peers), rng=random.Random(seed), microbatches=microbatches)

@@ -28,6 +28,7 @@ directory and waits, at most `heal_timeout_s` from the first failure of the step
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import random
 import threading
@@ -38,6 +39,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from swarm.microbatch import auto_parts, cut, microbatch_bounds, splittable
 from swarm.protocol import ProtocolError, RemoteError, StepRequest, StepResponse, raise_if_error
 from swarm.remote import ClientSession
 from swarm.routing import Hop, MissingBlocksError, Span, choose_route, missing_blocks
@@ -223,6 +225,7 @@ class SwarmRouter:
         transport: Transport,
         rng: random.Random | None = None,
         policy: RetryPolicy = RetryPolicy(),
+        microbatches: int | None = None,
     ):
         self.num_blocks = num_blocks
         self.spans = spans  # the directory: returns the current spans; may have `invalidate()` to force a re-read
@@ -230,6 +233,8 @@ class SwarmRouter:
         self.rng = rng or random.Random()
         self.policy = policy
         self.bans = Bans(policy.ban_base_s, policy.ban_max_s)
+        self.microbatches = microbatches  # stateless steps: None picks a count per step, 1 turns pipelining off
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._states: dict[str, _SessionState] = {}
         self._lock = threading.Lock()
 
@@ -362,6 +367,25 @@ class SwarmRouter:
         return out
 
     def _run_stateless(self, hidden: torch.Tensor, layer_calls: list[tuple[tuple, dict]], attn: str | None) -> torch.Tensor:
+        """A step without a cache; a batch is cut into micro-batches kept in flight together along the route,
+        so the peers of the route compute at the same time (pipeline parallelism)."""
+        parts = self.microbatches
+        if parts != 1 and splittable(hidden, layer_calls):
+            if parts is None:
+                hops = len(self._route_with_recovery(0, self.num_blocks, _Recovery(self.policy.heal_timeout_s)))
+                tokens = hidden.shape[1] if hidden.ndim > 2 else 1
+                parts = auto_parts(hidden.shape[0], hops, tokens)
+            if parts > 1:
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="swarm-microbatch")
+                futures = [
+                    self._pool.submit(self._run_chain, *cut(hidden, layer_calls, a, b), attn)
+                    for a, b in microbatch_bounds(hidden.shape[0], parts)
+                ]
+                return torch.cat([f.result() for f in futures])
+        return self._run_chain(hidden, layer_calls, attn)
+
+    def _run_chain(self, hidden: torch.Tensor, layer_calls: list[tuple[tuple, dict]], attn: str | None) -> torch.Tensor:
         recovery = _Recovery(self.policy.heal_timeout_s)
         hops = self._route_with_recovery(0, self.num_blocks, recovery)
         h = hidden

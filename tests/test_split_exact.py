@@ -137,3 +137,30 @@ def test_client_holds_no_block_weights_and_peers_only_theirs(model_dir):
     for peer, (start, end) in zip(peers, RANGES):
         held = sum(p.numel() for p in peer.handler.runner.loaded.blocks.parameters())
         assert held == sum(p.numel() for p in local.model.layers[start:end].parameters())
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_pipelined_microbatches_match_local(name, model_dir):
+    """A stateless batch cut into micro-batches in flight together gives the unsplit model's output."""
+    spec = TINY_MODELS[name]
+    path = save_tiny(name, model_dir)
+    auto = AutoModelForCausalLM if spec.causal else AutoModel
+    kwargs = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
+    local = auto.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+    peers = start_local_peers(path, RANGES, attn_implementation=spec.attn_implementation)
+    routers = []
+
+    def make_router(layout, config):
+        routers.append(local_router(peers, layout.num_blocks, seed=0, microbatches=2))
+        return routers[-1]
+
+    split = load_client_model(path, make_router, auto_class=auto, dtype=torch.float32,
+                              attn_implementation=spec.attn_implementation)
+    ids, mask = padded_batch(local.config.vocab_size, local.config.pad_token_id or 0)
+    ids, mask = torch.cat([ids, ids.flip(0)]), torch.cat([mask, mask.flip(0)])  # 4 rows, padding in 2 of them
+    with torch.no_grad():
+        out_local, out_split = local(input_ids=ids, attention_mask=mask, use_cache=False), split(
+            input_ids=ids, attention_mask=mask, use_cache=False)
+    field = "logits" if spec.causal else "last_hidden_state"
+    torch.testing.assert_close(getattr(out_split, field), getattr(out_local, field), rtol=1e-5, atol=1e-5)
+    assert routers[0]._pool is not None, "the batch should have been cut into micro-batches"
