@@ -42,7 +42,7 @@ class ClientSession:
     session_id: str
     cache_class: str | None  # class name of the client's cache object; peers build the same
     max_length: int | None = None  # tokens the session may reach, if the user said
-    hops: list[Hop] | None = None  # fixed at the first step: the peers hold this session's keys/values
+    hops: list[Hop] | None = None  # chosen at the first step; the router replaces a hop whose peer fails
     pending_ops: list[tuple[str, Any]] = field(default_factory=list)  # forwarded with the next step
     opened_on: set[str] = field(default_factory=set)  # peers that hold this session already
     closed: bool = False
