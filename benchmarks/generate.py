@@ -6,7 +6,9 @@ client is in this process. Greedy decoding, 16-token prompt, batch 1, fp32, seed
 
 - TTFT: `generate(max_new_tokens=1)` wall time (session opening, prefill, first token).
 - TPOT: (time of `generate(max_new_tokens=N)` - TTFT) / (N - 1).
-Medians of --runs runs (default 5) after one warm-up. Ratios are swarm / local.
+Medians of --runs runs (default 5) after one warm-up. Ratios are swarm / local. The local run and
+every peer use the same number of torch threads (--threads, default 1): on a 2-core machine shared by
+several peer processes, that is the fair comparison of the work each process does.
 
 Models: "small" Llama (hidden 256, 4 layers, vocab 1000) and "medium" (hidden 1024, intermediate
 2816, 16 heads, 12 layers, vocab 32000).
@@ -76,7 +78,10 @@ def main() -> None:
     parser.add_argument("--peers", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the local run and of every peer (equal, for a fair comparison)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +94,8 @@ def main() -> None:
             for k in args.peers:
                 with SwarmProcesses() as procs:
                     dht = procs.start_dht()
-                    launched = [procs.start_peer(path, dht, r, wait=False) for r in even_ranges(layers, k)]
+                    launched = [procs.start_peer(path, dht, r, "--num-threads", str(args.threads), wait=False)
+                                for r in even_ranges(layers, k)]
                     for proc in launched:
                         procs.wait_ready(proc)
                     model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[dht])
