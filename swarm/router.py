@@ -419,7 +419,10 @@ class SwarmRouter:
         except RemoteError as exc:
             if not exc.retry:
                 raise
-            raise _PeerFailed(hop, str(exc)) from exc
+            # the peer is healthy but no longer holds our session (it expired while we were idle, or the
+            # peer restarted): rebuild it there by replay, without avoiding the peer
+            forgot = exc.kind == "SessionError" and exc.message.startswith("unknown session")
+            raise _PeerFailed(hop, str(exc), peer_healthy=forgot) from exc
         except (PeerUnreachable, OSError, TimeoutError, WireError, ProtocolError) as exc:
             raise _PeerFailed(hop, f"peer {hop.peer_id}: {type(exc).__name__}: {exc}") from exc
         if out.shape != request.hidden.shape:
@@ -437,7 +440,8 @@ class SwarmRouter:
 
     def _retire(self, shop: _SessionHop, failure: "_PeerFailed") -> None:
         """Ban a failed hop's peer and close its session there, without waiting (it may be dead)."""
-        self._ban(shop.hop.peer_id, failure)
+        if not failure.peer_healthy:
+            self._ban(shop.hop.peer_id, failure)
         if shop.synced or failure.maybe_opened:
             self._close_quietly(shop.hop.peer_id, shop.session_id, wait=False)
 
@@ -538,7 +542,8 @@ class SwarmRouter:
 class _PeerFailed(Exception):
     """Internal: one request to one peer failed in a way another peer may not."""
 
-    def __init__(self, hop: Hop, message: str, maybe_opened: bool = True):
+    def __init__(self, hop: Hop, message: str, maybe_opened: bool = True, peer_healthy: bool = False):
         super().__init__(message)
         self.hop = hop
         self.maybe_opened = maybe_opened  # the peer may hold a session for it: close it there
+        self.peer_healthy = peer_healthy  # the peer works, it only lost our session: do not ban it
