@@ -118,6 +118,21 @@ class Bans:
             return max(0.0, min(self._until.values()) - self.clock()) if self._until else None
 
 
+def dedupe_calls(layer_calls: list[tuple[tuple, dict]]) -> tuple[list[tuple[tuple, dict]], list[int]]:
+    """Distinct argument sets (layers that received the same objects share one) and each layer's row."""
+    rows: dict[tuple, int] = {}
+    calls: list[tuple[tuple, dict]] = []
+    index: list[int] = []
+    for args, kwargs in layer_calls:
+        key = (tuple(map(id, args)), tuple((k, id(v)) for k, v in kwargs.items()))
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = len(calls)
+            calls.append((args, kwargs))
+        index.append(row)
+    return calls, index
+
+
 def build_step(
     hop: Hop,
     hidden: torch.Tensor,
@@ -134,16 +149,7 @@ def build_step(
 
     `session_id` / `new_session` override the session's (a replacement hop opens its own session id).
     """
-    rows: dict[tuple, int] = {}
-    calls: list[tuple[tuple, dict]] = []
-    index: list[int] = []
-    for args, kwargs in layer_calls[hop.start : hop.end]:
-        key = (tuple(map(id, args)), tuple((k, id(v)) for k, v in kwargs.items()))
-        row = rows.get(key)
-        if row is None:
-            row = rows[key] = len(calls)
-            calls.append((args, kwargs))
-        index.append(row)
+    calls, index = dedupe_calls(layer_calls[hop.start : hop.end])
     if session is not None:
         session_id = session_id or session.session_id
         if new_session is None:
@@ -273,7 +279,8 @@ class SwarmRouter:
         state.steps.append(step)
         t = len(state.steps) - 1
         if not state.history_dropped:
-            step.calls = encode_message(layer_calls)  # a snapshot: later changes to the objects do not matter
+            # a snapshot (later changes to the objects do not matter), each distinct argument set once
+            step.calls = encode_message(list(dedupe_calls(layer_calls)))
         session.hops = [h.hop for h in state.hops]
         try:
             out = self._run_session_step(session, state, t, layer_calls, attn_implementation, recovery)
@@ -351,7 +358,7 @@ class SwarmRouter:
             raise SessionLost(f"blocks {hop.start}..{hop.end - 1} must be rebuilt on {hop.peer_id}. " + self._lost_reason(session))
         for i in range(shop.synced, t + 1):
             step = state.steps[i]
-            calls = layer_calls if i == t else decode_message(step.calls)
+            calls = layer_calls if i == t else _expand_calls(decode_message(step.calls))
             request = build_step(
                 hop, step.inputs[hop.start], calls, session, step.ops, attn_implementation,
                 session_id=shop.session_id, new_session=shop.synced == 0, step=i,
@@ -537,6 +544,12 @@ class SwarmRouter:
             self.transport.close_session(peer_id, session_id, wait=wait)
         except Exception as exc:  # noqa: BLE001 - best effort; the peer's session TTL cleans up anyway
             logger.debug("closing session %s on %s failed: %s", session_id, peer_id, exc)
+
+
+def _expand_calls(snapshot: list) -> list[tuple[tuple, dict]]:
+    """Undo `dedupe_calls` on a decoded snapshot: one (args, kwargs) per layer, shared rows stay shared."""
+    calls, index = snapshot
+    return [calls[row] for row in index]
 
 
 class _PeerFailed(Exception):
