@@ -31,18 +31,39 @@ class StepHandler:
         self.runner = runner
 
     def step(self, data: bytes, owner: str = "local") -> bytes:
-        try:
-            request = StepRequest.from_wire(decode_message(data))
-            response = self.runner.step(request, owner=owner)
-            return encode_message(response.to_wire())
-        except CLIENT_ERRORS as exc:
-            return encode_message(error_to_wire(exc))
-        except MemoryError as exc:
-            logger.warning("step ran out of memory: %s", exc)
-            return encode_message(error_to_wire(RuntimeError(f"the peer ran out of memory: {exc}")))
-        except Exception as exc:  # noqa: BLE001 - the boundary: whatever the blocks raise becomes a reply
-            logger.info("step failed: %s: %s", type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
-            return encode_message(error_to_wire(exc))
+        return self.step_many([(data, owner)])[0]
+
+    def step_many(self, items: list[tuple[bytes, str]]) -> list[bytes]:
+        """Replies to requests that arrived together (the runner may merge their decode steps into one batch)."""
+        replies: list[bytes | None] = [None] * len(items)
+        decoded: list[tuple[int, StepRequest, str]] = []
+        for k, (data, owner) in enumerate(items):
+            try:
+                decoded.append((k, StepRequest.from_wire(decode_message(data)), owner))
+            except BaseException as exc:  # noqa: BLE001 - answered to its sender alone
+                replies[k] = _error_reply(exc)
+        results = self.runner.step_many([(req, owner) for _, req, owner in decoded]) if decoded else []
+        for (k, _, _), result in zip(decoded, results):
+            if isinstance(result, BaseException):
+                replies[k] = _error_reply(result)
+                continue
+            try:
+                replies[k] = encode_message(result.to_wire())
+            except Exception as exc:  # noqa: BLE001
+                replies[k] = _error_reply(exc)
+        return replies  # type: ignore[return-value]
 
     def close_session(self, session_id: str, owner: str = "local") -> bool:
         return self.runner.close_session(session_id, owner)
+
+
+def _error_reply(exc: BaseException) -> bytes:
+    """The error reply for one request; what is not the caller's fault is logged here."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        raise exc
+    if isinstance(exc, MemoryError):
+        logger.warning("step ran out of memory: %s", exc)
+        exc = RuntimeError(f"the peer ran out of memory: {exc}")
+    elif not isinstance(exc, CLIENT_ERRORS):
+        logger.info("step failed: %s: %s", type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+    return encode_message(error_to_wire(exc))

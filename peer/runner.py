@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from peer.loader import LoadedBlocks
+from peer.merge import merge_caches, merge_calls, signature, split_caches, split_rows
 from swarm.protocol import ProtocolError, RequestRefused, StepRequest, StepResponse
 from swarm.wire import CacheRef
 
@@ -44,6 +45,7 @@ class RunnerLimits:
     max_session_length: int = 8192  # tokens one session may hold (per sequence of its batch)
     max_cache_tokens: int = 262144  # KV budget: sequences x tokens held by all sessions together
     max_kept_reply_bytes: int = 1 << 20  # a session's last reply is kept (to answer a retry) up to this size
+    max_merged_step_tokens: int = 16  # session steps of up to this many tokens per row may run merged (decode)
 
 
 @dataclass
@@ -75,6 +77,8 @@ class BlockRunner:
         self.attn_implementation: str | None = getattr(loaded.config, "_attn_implementation", None)
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        self.merged_steps = 0  # forwards that ran several sessions' steps as one batch
+        self.merged_rows = 0  # rows those forwards carried
 
     # ---- sessions -------------------------------------------------------------------------------------
 
@@ -197,29 +201,138 @@ class BlockRunner:
             raise RequestRefused(f"max_length {req.max_length} exceeds this peer's limit of {self.limits.max_session_length}")
 
     def step(self, req: StepRequest, owner: str = "local") -> StepResponse:
+        result = self.step_many([(req, owner)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def step_many(self, items: list[tuple[StepRequest, str]]) -> list[StepResponse | BaseException]:
+        """Run several requests that arrived together; each gets its reply or its own error.
+
+        Decode steps of different sessions that fit together (`peer.merge`) run as one batch through the
+        blocks; everything else runs one by one, in arrival order. One request's failure is its own.
+        """
+        results: list[StepResponse | BaseException] = []
+        batch: list[tuple[StepRequest, str]] = []
+        seen: set[str] = set()
+        for req, owner in items:
+            # two requests of one session (a retry next to its original) run in separate rounds, in order
+            if req.session_id is not None and req.session_id in seen:
+                results += self._step_round(batch)
+                batch, seen = [], set()
+            batch.append((req, owner))
+            if req.session_id is not None:
+                seen.add(req.session_id)
+        return results + self._step_round(batch)
+
+    def _step_round(self, items: list[tuple[StepRequest, str]]) -> list[StepResponse | BaseException]:
+        results: list[StepResponse | BaseException | None] = [None] * len(items)
+        ready: list[tuple[int, StepRequest, Session | None]] = []
+        for k, (req, owner) in enumerate(items):
+            try:
+                reply, session = self._begin(req, owner)
+            except BaseException as exc:  # noqa: BLE001 - the request's own error, answered to it alone
+                results[k] = exc
+                continue
+            if reply is not None:
+                results[k] = reply
+            else:
+                ready.append((k, req, session))
+        for group in self._groups(ready):
+            if len(group) > 1:
+                try:
+                    outs = self._compute_merged([(req, session) for _, req, session in group])
+                except Exception as exc:  # noqa: BLE001 - sessions' caches are untouched: run them one by one
+                    logger.debug("merged step of %d sessions fell back to single steps: %s", len(group), exc)
+                else:
+                    self.merged_steps += 1
+                    self.merged_rows += sum(req.hidden.shape[0] for _, req, _ in group)
+                    for (k, req, session), hidden in zip(group, outs):
+                        results[k] = self._finish(session, hidden)
+                    continue
+            for k, req, session in group:
+                try:
+                    hidden = self._compute(req, session.cache if session else None)
+                except BaseException as exc:  # noqa: BLE001
+                    if session is not None:  # its cache may hold part of this step: the client rebuilds it elsewhere
+                        self._drop(session)
+                    results[k] = exc
+                    continue
+                results[k] = self._finish(session, hidden)
+        return results  # type: ignore[return-value]
+
+    def _begin(self, req: StepRequest, owner: str) -> tuple[StepResponse | None, Session | None]:
+        """Checks and cache operations before compute: (the kept reply of a repeated step, or None; the session)."""
         self.validate(req)
         session = self._session(req, owner)
         if session is None:
-            return StepResponse(hidden=self._compute(req, None))
+            return None, None
         if req.step is not None and req.step != session.steps:
             if req.step == session.steps - 1 and session.last_reply is not None:
                 logger.debug("step %d of session %s repeated (its reply was lost)", req.step, req.session_id)
-                return StepResponse(hidden=session.last_reply)  # a retry: its reply was lost on the way
+                return StepResponse(hidden=session.last_reply), session  # a retry: its reply was lost on the way
             raise SessionError(
                 f"step {req.step} of session {req.session_id!r} is out of order: this peer has run {session.steps} "
                 "step(s) of it" + (" and kept no reply to repeat" if req.step == session.steps - 1 else "")
             )
         try:
             self._admit(session, req)
-            hidden = self._compute(req, session.cache)
         except BaseException:
             # the cache may hold part of this step now: the session cannot go on, the client rebuilds it elsewhere
             self._drop(session)
             raise
-        session.steps += 1
-        keep = hidden.numel() * hidden.element_size() <= self.limits.max_kept_reply_bytes
-        session.last_reply = hidden if keep else None
+        return None, session
+
+    def _finish(self, session: Session | None, hidden: torch.Tensor) -> StepResponse:
+        if session is not None:
+            session.steps += 1
+            keep = hidden.numel() * hidden.element_size() <= self.limits.max_kept_reply_bytes
+            session.last_reply = hidden if keep else None
         return StepResponse(hidden=hidden)
+
+    def _groups(self, ready: list[tuple[int, StepRequest, Session | None]]) -> list[list]:
+        """Arrival-ordered groups: session steps that may merge share a group, every other step is alone."""
+        groups: list[list] = []
+        by_key: dict[tuple, list] = {}
+        for entry in ready:
+            _, req, session = entry
+            key = self._merge_key(req, session)
+            if key is None:
+                groups.append([entry])
+                continue
+            group = by_key.get(key)
+            rows = sum(r.hidden.shape[0] for _, r, _ in group) if group else 0
+            if group is None or rows + req.hidden.shape[0] > self.limits.max_batch:
+                group = by_key[key] = []
+                groups.append(group)
+            group.append(entry)
+        return groups
+
+    def _merge_key(self, req: StepRequest, session: Session | None) -> tuple | None:
+        """Steps with equal keys may run as one batch (`peer.merge` checks the rest); None: never merged."""
+        h = req.hidden
+        if session is None or h.ndim < 3 or h.shape[1] > self.limits.max_merged_step_tokens:
+            return None
+        length = session.cache.get_seq_length(self._first_attention_layer(session.cache, req.start))
+        return (req.start, req.end, tuple(req.layer_calls), tuple(h.shape[1:]), h.dtype, length, signature(req.calls))
+
+    def _compute_merged(self, group: list[tuple[StepRequest, Session]]) -> list[torch.Tensor]:
+        """One forward for several sessions' steps; each session's cache gets its rows back only if it all worked."""
+        rows = [req.hidden.shape[0] for req, _ in group]
+        caches = [session.cache for _, session in group]
+        layers = range(group[0][0].start, group[0][0].end)
+        first = group[0][0]
+        merged_req = StepRequest(
+            start=first.start,
+            end=first.end,
+            hidden=torch.cat([req.hidden for req, _ in group]),
+            calls=merge_calls([req.calls for req, _ in group], rows),
+            layer_calls=first.layer_calls,
+        )
+        merged_cache = merge_caches(caches, layers, rows)
+        hidden = self._compute(merged_req, merged_cache)
+        split_caches(merged_cache, caches, layers, rows)
+        return split_rows(hidden, rows)
 
     def _compute(self, req: StepRequest, cache) -> torch.Tensor:
         device, dtype = self.loaded.device, self.loaded.dtype

@@ -9,7 +9,6 @@ other RPCs and refreshing the announcement while a step runs.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from peer.capacity import InsufficientMemory, block_footprint, capacity_blocks, shortage_message
+from peer.batcher import ComputeQueue
 from peer.handler import StepHandler
 from peer.loader import load_blocks
 from peer.resources import probe_device
@@ -79,16 +79,25 @@ class PeerServer:
         self.runner: BlockRunner | None = None
         self.handler: StepHandler | None = None
         self.state = "joining"
-        self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarm-compute")
+        self._compute = ComputeQueue(self._run_many)
         self._stopping: asyncio.Event | None = None
 
     # ---- backend for swarm.rpc.BlockService ----------------------------------------------------------
 
     async def step(self, data: bytes, owner: str) -> bytes:
+        if self.handler is None:
+            return self._not_serving()
+        return await self._compute.submit(data, owner)
+
+    def _run_many(self, items: list[tuple[bytes, str]]) -> list[bytes]:
+        """On the compute thread: requests that queued up together (decode steps of sessions may merge)."""
         handler = self.handler
         if handler is None:
-            return encode_message(error_to_wire(NotServing(f"peer is {self.state} and serves no blocks right now")))
-        return await asyncio.get_running_loop().run_in_executor(self._compute, handler.step, data, owner)
+            return [self._not_serving()] * len(items)
+        return handler.step_many(items)
+
+    def _not_serving(self) -> bytes:
+        return encode_message(error_to_wire(NotServing(f"peer is {self.state} and serves no blocks right now")))
 
     async def close_session(self, session_id: str, owner: str) -> bool:
         runner = self.runner
@@ -112,6 +121,8 @@ class PeerServer:
             "device": self.config.device,
             "attn_implementation": runner.attn_implementation if runner else None,
             "sessions": runner.num_sessions if runner else 0,
+            "merged_steps": runner.merged_steps if runner else 0,  # forwards that ran several sessions' steps at once
+            "merged_rows": runner.merged_rows if runner else 0,
             "version": __version__,
         }
 
@@ -264,7 +275,7 @@ class PeerServer:
             except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - leaving anyway
                 logger.info("could not announce leaving cleanly: %r", exc)
         finally:
-            self._compute.shutdown(wait=False, cancel_futures=True)
+            self._compute.stop()
             self.dht.shutdown()
 
     async def _sleep(self, seconds: float) -> None:
