@@ -38,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("--announce-period", type=float, default=30.0, help="seconds between DHT refreshes")
     p.add_argument("--num-threads", type=int, default=None,
                    help="torch CPU threads (default: all cores; give each peer a share when several run on one host)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="while other sessions are active, a decode step may wait this long (at most one batch's "
+                        "compute time) for theirs, to run them as one batch (default: 10; 0: never wait)")
     p.add_argument("--attn-implementation", default=None, help="transformers attention implementation")
     p.add_argument("--gpus-per-peer", type=int, default=None, metavar="K",
                    help="multi-GPU host: start one peer process per group of K GPUs (round-robin through "
@@ -87,6 +90,7 @@ def run_one(args: argparse.Namespace) -> int:
         announce_period_s=args.announce_period,
         attn_implementation=args.attn_implementation,
         num_threads=args.num_threads,
+        batch_wait_ms=args.batch_wait_ms,
         use_auto_relay=args.use_auto_relay,
     )
     try:
@@ -103,6 +107,7 @@ FORWARDED_OPTIONS = [  # (argparse dest, flag) of every option a child peer gets
     ("device", "--device"), ("dtype", "--dtype"), ("max_memory", "--max-memory"), ("cache_tokens", "--cache-tokens"),
     ("activation_reserve", "--activation-reserve"), ("host", "--host"), ("announce_period", "--announce-period"),
     ("num_threads", "--num-threads"), ("attn_implementation", "--attn-implementation"),
+    ("batch_wait_ms", "--batch-wait-ms"),
 ]
 
 

@@ -162,6 +162,12 @@ class BlockRunner:
         with self._lock:
             return max(0, self.limits.max_cache_tokens - sum(s.charged for s in self._sessions.values()))
 
+    def active_sessions(self, within_s: float = 1.0) -> int:
+        """Sessions that ran a step in the last `within_s` seconds: the steps a batch may expect soon."""
+        now = time.monotonic()
+        with self._lock:
+            return sum(1 for s in self._sessions.values() if now - s.last_used <= within_s)
+
     def expire_sessions(self) -> None:
         with self._lock:
             self._expire(time.monotonic())

@@ -62,6 +62,7 @@ class PeerConfig:
     num_threads: int | None = None  # torch CPU threads; None: torch's default (all cores)
     use_auto_relay: bool = False  # behind NAT: be reachable through relay nodes
     throughput_cache_dir: str | None = None  # where measured throughput is cached; None: ~/.cache/swarm
+    batch_wait_ms: float = 10.0  # a step may wait this long (and at most one batch's time) for other active sessions' steps
     limits: RunnerLimits = field(default_factory=RunnerLimits)
 
 
@@ -79,7 +80,9 @@ class PeerServer:
         self.runner: BlockRunner | None = None
         self.handler: StepHandler | None = None
         self.state = "joining"
-        self._compute = ComputeQueue(self._run_many)
+        self._compute = ComputeQueue(
+            self._run_many, expect=self._active_sessions, max_wait_s=config.batch_wait_ms / 1e3
+        )
         self._stopping: asyncio.Event | None = None
 
     # ---- backend for swarm.rpc.BlockService ----------------------------------------------------------
@@ -95,6 +98,10 @@ class PeerServer:
         if handler is None:
             return [self._not_serving()] * len(items)
         return handler.step_many(items)
+
+    def _active_sessions(self) -> int:
+        runner = self.runner
+        return runner.active_sessions() if runner is not None else 0
 
     def _not_serving(self) -> bytes:
         return encode_message(error_to_wire(NotServing(f"peer is {self.state} and serves no blocks right now")))

@@ -116,6 +116,8 @@ def test_16_concurrent_sessions_of_64_tokens_on_3_peers(model):
                 t.join(max(1.0, BOUND_S - (time.monotonic() - began)))
             wall = time.monotonic() - began
             memory = [memory_kib(p.popen.pid) for p in peers]
+            transport = client.swarm_connection.transport
+            merged = {span.peer_id: transport.info(span.peer_id)["merged_steps"] for span in client.swarm_capture.router.spans()}
         finally:
             client.swarm_connection.close()
 
@@ -124,6 +126,8 @@ def test_16_concurrent_sessions_of_64_tokens_on_3_peers(model):
     assert not failed, failed
     wrong = [i for i in range(SESSIONS) if not torch.equal(results[i], want[i])]
     assert not wrong, f"sessions {wrong} differ from the local model"
+    # the peers ran some of the sessions' decode steps merged into one batch (peer/merge.py), and exactly
+    assert len(merged) == 3 and all(m > 0 for m in merged.values()), merged
 
     # clock.times[0]: the prompt; [1]: the first new token (after the prefill); then one per decode step
     ttft = [c.times[1] - c.times[0] for c in clocks]
@@ -131,7 +135,7 @@ def test_16_concurrent_sessions_of_64_tokens_on_3_peers(model):
     assert len(gaps) == SESSIONS * (NEW_TOKENS - 1)
     tokens = SESSIONS * NEW_TOKENS
     print(
-        f"\nload: {SESSIONS} sessions x {NEW_TOKENS} tokens on 3 peers in {wall:.1f} s ({tokens / wall:.0f} tokens/s in all)\n"
+        f"\nload: {SESSIONS} sessions x {NEW_TOKENS} tokens on 3 peers in {wall:.1f} s ({tokens / wall:.0f} tokens/s in all); merged steps per peer: {sorted(merged.values())}\n"
         f"  time per token: p50 {percentile(gaps, 50) * 1e3:.1f} ms, p99 {percentile(gaps, 99) * 1e3:.1f} ms, "
         f"max {max(gaps) * 1e3:.1f} ms; time to first token: p50 {percentile(ttft, 50) * 1e3:.0f} ms, "
         f"max {max(ttft) * 1e3:.0f} ms\n"
