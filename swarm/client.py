@@ -50,12 +50,28 @@ class ClientConfig:
     heal_timeout: float = 60.0  # how long a step waits for the swarm to serve missing blocks before failing
     max_history_bytes: int = 1 << 30  # per session, what is kept to replay on a replacement peer (bytes)
     microbatches: int | None = None  # stateless batches cut into this many in-flight parts; None: automatic, 1: off
+    wire_dtype: str | None = None  # "bfloat16"/"float16": hidden states travel at this lower precision; None: exact
+
+    def __post_init__(self) -> None:
+        wire_dtype(self.wire_dtype)  # a wrong name fails here, not at the first step
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
             ban_base_s=self.ban_base_s, ban_max_s=self.ban_max_s, heal_timeout_s=self.heal_timeout,
             poll_interval_s=self.directory_min_interval, max_history_bytes=self.max_history_bytes,
         )
+
+
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def wire_dtype(name: str | None) -> torch.dtype | None:
+    """The dtype hidden states travel in; a clear error for anything but the supported names."""
+    if name is None:
+        return None
+    if name not in WIRE_DTYPES:
+        raise ValueError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)} (or None: the model's own), got {name!r}")
+    return getattr(torch, name)
 
 
 class P2PTransport:
@@ -281,7 +297,7 @@ def _from_pretrained(
             connection, key, client_config.directory_ttl, client_config.directory_min_interval, client_config.directory_grace
         )
         return SwarmRouter(layout.num_blocks, directory, connection.transport, policy=client_config.retry_policy(),
-                           microbatches=client_config.microbatches)
+                           microbatches=client_config.microbatches, wire_dtype=wire_dtype(client_config.wire_dtype))
 
     model = load_client_model(
         model_name_or_path, make_router, auto_class=auto_class, dtype=dtype,

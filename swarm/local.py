@@ -32,6 +32,7 @@ class LocalTransport:
 
 
 def local_router(peers: list[LocalPeer], num_blocks: int, seed: int | None = None,
-                 microbatches: int | None = None) -> SwarmRouter:
+                 microbatches: int | None = None, transport=None, **router_kwargs) -> SwarmRouter:
     spans = [Span(p.peer_id, p.start, p.end) for p in peers]
-    return SwarmRouter(num_blocks, lambda: spans, LocalTransport(peers), rng=random.Random(seed), microbatches=microbatches)
+    return SwarmRouter(num_blocks, lambda: spans, transport or LocalTransport(peers), rng=random.Random(seed),
+                       microbatches=microbatches, **router_kwargs)

@@ -232,6 +232,7 @@ class SwarmRouter:
         rng: random.Random | None = None,
         policy: RetryPolicy = RetryPolicy(),
         microbatches: int | None = None,
+        wire_dtype: torch.dtype | None = None,
     ):
         self.num_blocks = num_blocks
         self.spans = spans  # the directory: returns the current spans; may have `invalidate()` to force a re-read
@@ -240,6 +241,7 @@ class SwarmRouter:
         self.policy = policy
         self.bans = Bans(policy.ban_base_s, policy.ban_max_s)
         self.microbatches = microbatches  # stateless steps: None picks a count per step, 1 turns pipelining off
+        self.wire_dtype = wire_dtype  # hidden states travel in this dtype (peers reply in it); None: the model's own
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._states: dict[str, _SessionState] = {}
         self._lock = threading.Lock()
@@ -251,6 +253,21 @@ class SwarmRouter:
     # ---- one pass ------------------------------------------------------------------------------------
 
     def run(
+        self,
+        session: ClientSession | None,
+        hidden: torch.Tensor,
+        layer_calls: list[tuple[tuple, dict]],
+        attn_implementation: str | None,
+    ) -> torch.Tensor:
+        wire = self.wire_dtype
+        if wire is not None and hidden.is_floating_point() and hidden.dtype != wire:
+            # a lower precision on the wire (the user asked for it): peers compute in their own dtype and
+            # reply in the request's, so every hop's hidden state travels in `wire`; the replay history
+            # keeps what was sent, so a replay feeds a replacement peer the very same inputs
+            return self._run(session, hidden.to(wire), layer_calls, attn_implementation).to(hidden.dtype)
+        return self._run(session, hidden, layer_calls, attn_implementation)
+
+    def _run(
         self,
         session: ClientSession | None,
         hidden: torch.Tensor,
