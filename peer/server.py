@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from peer.capacity import InsufficientMemory, block_footprint, capacity_blocks, shortage_message
+from peer.forward import Forwarder
 from peer.handler import StepHandler
 from peer.loader import load_blocks
 from peer.resources import probe_device
@@ -80,6 +81,7 @@ class PeerServer:
         self.handler: StepHandler | None = None
         self.state = "joining"
         self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarm-compute")
+        self.forwarder: Forwarder | None = None  # sends pushed steps on to the next peer (set once the P2P is up)
         self._stopping: asyncio.Event | None = None
 
     # ---- backend for swarm.rpc.BlockService ----------------------------------------------------------
@@ -88,7 +90,9 @@ class PeerServer:
         handler = self.handler
         if handler is None:
             return encode_message(error_to_wire(NotServing(f"peer is {self.state} and serves no blocks right now")))
-        return await asyncio.get_running_loop().run_in_executor(self._compute, handler.step, data, owner)
+        reply = await asyncio.get_running_loop().run_in_executor(self._compute, handler.step, data, owner)
+        # a pushed step goes on to the next peer from here, on the event loop: the compute thread is free meanwhile
+        return reply if self.forwarder is None else await self.forwarder.after_step(data, reply, owner)
 
     async def close_session(self, session_id: str, owner: str) -> bool:
         runner = self.runner
@@ -112,6 +116,8 @@ class PeerServer:
             "device": self.config.device,
             "attn_implementation": runner.attn_implementation if runner else None,
             "sessions": runner.num_sessions if runner else 0,
+            "forwarded": self.forwarder.forwarded if self.forwarder else 0,
+            "forward_failures": self.forwarder.failed if self.forwarder else 0,
             "version": __version__,
         }
 
@@ -216,6 +222,7 @@ class PeerServer:
         try:
             self.peer_id = local_peer_id(self.dht)
             p2p = await self.dht.replicate_p2p()
+            self.forwarder = Forwarder(p2p)
             service = BlockService(backend=self)
             await service.add_p2p_handlers(p2p)
             if cfg.blocks is not None:

@@ -1,13 +1,17 @@
 """In-process peers: the whole swarm inside one Python process, for tests and the split demo.
 
 Every call still crosses the full wire codec and the peer's request validation (bytes in, bytes
-out), so what passes here exercises the same contract as the network.
+out), so what passes here exercises the same contract as the network. Pushed steps are forwarded
+from peer to peer here too, with the same `swarm.chain` logic libp2p peers use (`peer.forward`).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable
+
+from swarm.chain import ForwardFailed, plan_forward
 from swarm.router import SwarmRouter
 from swarm.routing import Span
 
@@ -21,17 +25,32 @@ class LocalPeer:
 
 
 class LocalTransport:
-    def __init__(self, peers: list[LocalPeer]):
-        self.peers = {p.peer_id: p for p in peers}
+    """Calls in-process peers' handlers directly; a peer forwards a pushed step through `forward_via`
+    (default: this transport; a test may pass one that fails on cue)."""
 
-    def step(self, peer_id: str, request: bytes) -> bytes:
-        return self.peers[peer_id].handler.step(request)
+    def __init__(self, peers: list[LocalPeer], forward_via: Callable[[str, bytes], bytes] | None = None):
+        self.peers = {p.peer_id: p for p in peers}
+        self.forward_via = forward_via
+
+    def step(self, peer_id: str, request: bytes, timeout: float | None = None) -> bytes:
+        reply = self.peers[peer_id].handler.step(request)
+        plan = plan_forward(request, reply, caller="local")
+        if plan is None:
+            return reply
+        if plan.error is not None:
+            return plan.reply(failure=plan.error)
+        try:
+            then = (self.forward_via or self.step)(plan.peer, plan.request)
+        except Exception as exc:  # noqa: BLE001 - as a libp2p peer does: the failure goes back to the client
+            return plan.reply(failure=ForwardFailed(f"could not forward the step to peer {plan.peer}: {type(exc).__name__}: {exc}"))
+        return plan.reply(then=then)
 
     def close_session(self, peer_id: str, session_id: str, wait: bool = True) -> None:
         self.peers[peer_id].handler.close_session(session_id)
 
 
 def local_router(peers: list[LocalPeer], num_blocks: int, seed: int | None = None,
-                 microbatches: int | None = None) -> SwarmRouter:
+                 microbatches: int | None = None, push: bool = True) -> SwarmRouter:
     spans = [Span(p.peer_id, p.start, p.end) for p in peers]
-    return SwarmRouter(num_blocks, lambda: spans, LocalTransport(peers), rng=random.Random(seed), microbatches=microbatches)
+    return SwarmRouter(num_blocks, lambda: spans, LocalTransport(peers), rng=random.Random(seed), microbatches=microbatches,
+                       push=push)
