@@ -490,7 +490,7 @@ def test_e2e_bad_chain_entries_and_keyless_forwards_are_refused_clearly(llama8, 
 
         # an honest session's hop on the middle peer, used through a forward without its key, or with a wrong one
         with honest.inference_session(max_length=64) as cache:
-            honest.generate(PROMPT, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            start = honest.generate(PROMPT, max_new_tokens=4, do_sample=False, pad_token_id=0)
             state = honest.swarm_capture.router._states[cache._swarm_session.session_id]
             target = state.hops[1]
             middle, step_no = target.hop.peer_id, target.synced
@@ -505,7 +505,7 @@ def test_e2e_bad_chain_entries_and_keyless_forwards_are_refused_clearly(llama8, 
             direct.start, direct.end, direct.layer_calls = 3, 5, [0, 0]
             reply = decode_message(attacker.transport.step(middle, encode_message(direct.to_wire())))
             assert "belongs to another client" in reply["error"]["message"]
-            more = honest.generate(PROMPT, max_new_tokens=8, do_sample=False, pad_token_id=0)
+            more = honest.generate(start, max_new_tokens=4, do_sample=False, pad_token_id=0)  # the session goes on
         assert torch.equal(more, local.generate(PROMPT, max_new_tokens=8, do_sample=False, pad_token_id=0))
         s_first = _request("z")
         s_first.start, s_first.end, s_first.layer_calls = 0, 3, [0, 0, 0]
