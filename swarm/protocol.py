@@ -174,25 +174,12 @@ class StepRequest:
             raise ProtocolError(f"step must be in 0..{(1 << 31) - 1} and needs a session, got {step}")
         cache_class = _opt(msg, "cache_class", str)
         attn_implementation = _opt(msg, "attn_implementation", str)
-        owner = _opt(msg, "owner", str)
-        session_key = _opt(msg, "session_key", str)
-        for key, value in (("cache_class", cache_class), ("attn_implementation", attn_implementation),
-                           ("owner", owner), ("session_key", session_key)):
+        for key, value in (("cache_class", cache_class), ("attn_implementation", attn_implementation)):
             if value is not None and not 0 < len(value) <= MAX_NAME_CHARS:
                 raise ProtocolError(f"{key!r} must be 1..{MAX_NAME_CHARS} characters, got {len(value)}")
-        if (owner is not None or session_key is not None) and session_id is None:
+        push = PushFields.from_wire(msg)
+        if (push.owner is not None or push.session_key is not None) and session_id is None:
             raise ProtocolError("'owner' and 'session_key' need a session")
-        if owner is not None and session_key is None:
-            raise ProtocolError("'owner' names the client a forwarded step runs for and needs the session's 'session_key'")
-        if session_key is not None and not session_key.isascii():
-            raise ProtocolError("'session_key' must be ASCII")
-        hop_timeout = msg.get("hop_timeout")
-        if hop_timeout is not None:
-            if not isinstance(hop_timeout, (int, float)) or isinstance(hop_timeout, bool) or not (
-                math.isfinite(hop_timeout) and 0 < hop_timeout <= MAX_HOP_TIMEOUT_S
-            ):
-                raise ProtocolError(f"'hop_timeout' must be a number of seconds in (0, {MAX_HOP_TIMEOUT_S:.0f}], got {hop_timeout!r:.40}")
-            hop_timeout = float(hop_timeout)
         return cls(
             start=start,
             end=end,
@@ -206,11 +193,42 @@ class StepRequest:
             attn_implementation=attn_implementation,
             max_length=max_length,
             step=step,
-            next=parse_chain(msg.get("next")),
-            owner=owner,
-            session_key=session_key,
-            hop_timeout=hop_timeout,
+            next=push.next,
+            owner=push.owner,
+            session_key=push.session_key,
+            hop_timeout=push.hop_timeout,
         )
+
+
+@dataclass
+class PushFields:
+    """A request's push fields, read on their own: a forwarding peer reads them from a request it decoded
+    without its tensors (`swarm.chain`); `StepRequest.from_wire` reads them the same way."""
+
+    next: list[ChainLink]
+    owner: str | None
+    session_key: str | None
+    hop_timeout: float | None
+
+    @classmethod
+    def from_wire(cls, msg: dict) -> "PushFields":
+        owner = _opt(msg, "owner", str)
+        session_key = _opt(msg, "session_key", str)
+        for key, value in (("owner", owner), ("session_key", session_key)):
+            if value is not None and not 0 < len(value) <= MAX_NAME_CHARS:
+                raise ProtocolError(f"{key!r} must be 1..{MAX_NAME_CHARS} characters, got {len(value)}")
+        if owner is not None and session_key is None:
+            raise ProtocolError("'owner' names the client a forwarded step runs for and needs the session's 'session_key'")
+        if session_key is not None and not session_key.isascii():
+            raise ProtocolError("'session_key' must be ASCII")
+        hop_timeout = msg.get("hop_timeout")
+        if hop_timeout is not None:
+            if not isinstance(hop_timeout, (int, float)) or isinstance(hop_timeout, bool) or not (
+                math.isfinite(hop_timeout) and 0 < hop_timeout <= MAX_HOP_TIMEOUT_S
+            ):
+                raise ProtocolError(f"'hop_timeout' must be a number of seconds in (0, {MAX_HOP_TIMEOUT_S:.0f}], got {hop_timeout!r:.40}")
+            hop_timeout = float(hop_timeout)
+        return cls(parse_chain(msg.get("next")), owner, session_key, hop_timeout)
 
 
 def parse_chain(value: Any) -> list[ChainLink]:

@@ -389,6 +389,7 @@ class SwarmRouter:
             request = build_step(
                 hop, step.inputs[hop.start], calls, session, step.ops, attn_implementation,
                 session_id=shop.session_id, new_session=shop.synced == 0, step=i,
+                session_key=shop.key if shop.synced == 0 else None,  # opening: later pushed steps will need it
             )
             out = self._send(hop, request)
             shop.synced = i + 1
@@ -441,8 +442,8 @@ class SwarmRouter:
             request.hop_timeout = self.policy.hop_timeout_s
         links = []
         for shop, request in zip(hops[1:], requests[1:]):
-            msg = request.to_wire()
-            del msg["hidden"]  # the previous peer's output goes in
+            # the previous peer's output goes in as "hidden"; absent fields read as unset (fewer nodes to walk)
+            msg = {k: v for k, v in request.to_wire().items() if k != "hidden" and v is not None and v != []}
             links.append(ChainLink(shop.hop.peer_id, msg))
         requests[0].next = links
         data = encode_message(requests[0].to_wire())  # the hops' shared tensors (rotary, cache ops) travel once

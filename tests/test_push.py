@@ -64,11 +64,11 @@ class ChainFaults:
             raise PeerUnreachable(f"peer {peer_id} is unreachable")
         return self.inner.step(peer_id, request)
 
-    def forward(self, peer_id: str, request: bytes) -> bytes:
+    def forward(self, peer_id: str, request: bytes, sender: str) -> bytes:
         self.forwards.append(peer_id)
         if peer_id in self.dead:
             raise PeerUnreachable(f"peer {peer_id} is dead")
-        reply = self.inner.step(peer_id, request)
+        reply = self.inner.call(peer_id, request, sender)
         if peer_id in self.lose:
             self.lose[peer_id] -= 1
             if self.lose[peer_id] == 0:
@@ -436,10 +436,15 @@ def test_e2e_a_peer_failing_inside_a_pushed_route_gives_the_same_tokens(llama8, 
         else:
             os.killpg(peers[victim].popen.pid, signal.SIGSTOP)
 
+    router = client.swarm_capture.router
+    router.transport = CountingTransport(router.transport)
     began = time.monotonic()
     try:
         out, before, after = generate_and_disturb(client, disturb)
         assert torch.equal(out, want)
+        # one call per pushed step, plus the failed hop's direct request and the replay of ~12-16 steps on its
+        # replacement; the steps after it are pushed again (the replacement's session took the key at opening)
+        assert router.transport.calls < LONG["max_new_tokens"] + 25, router.transport.calls
         (victim,) = hit
         assert peers[victim].info["peer_id"] not in {h.peer_id for h in after}  # re-routed to the replica
         assert len(after) == 3
