@@ -12,6 +12,10 @@ several peer processes, that is the fair comparison of the work each process doe
 
 Models: "small" Llama (hidden 256, 4 layers, vocab 1000) and "medium" (hidden 1024, intermediate
 2816, 16 heads, 12 layers, vocab 32000).
+
+Push (`ClientConfig.push`: the client sends each step to the first peer, which forwards it along the
+route): on by default; `--no-push` measures the client-driven path (one round trip per hop), and
+`--compare-push` measures both against the same peers, one client after the other.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ def even_ranges(num_blocks: int, parts: int) -> list[str]:
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
-    from swarm import AutoDistributedModelForCausalLM
+    from swarm import AutoDistributedModelForCausalLM, ClientConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["small", "medium"], choices=list(MODELS))
@@ -80,7 +84,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the local run and of every peer (equal, for a fair comparison)")
+    parser.add_argument("--push", action=argparse.BooleanOptionalAction, default=True,
+                        help="session steps pushed along the route by the peers (ClientConfig.push)")
+    parser.add_argument("--compare-push", action="store_true", help="measure the swarm with push and without")
     args = parser.parse_args()
+    modes = [True, False] if args.compare_push else [args.push]
     torch.set_num_threads(args.threads)
     prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     rows = []
@@ -98,13 +106,16 @@ def main() -> None:
                                 for r in even_ranges(layers, k)]
                     for proc in launched:
                         procs.wait_ready(proc)
-                    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[dht])
-                    ttft, tpot = measure(model, prompt, args.new_tokens, args.runs)
-                    model.swarm_connection.close()
-                rows.append((name, f"swarm {k} peer{'s' * (k > 1)}", ttft, tpot, ttft / l_ttft, tpot / l_tpot))
-    print(f"{'model':<8}{'setup':<16}{'TTFT ms':>10}{'TPOT ms':>10}{'TTFT x':>9}{'TPOT x':>9}")
+                    for push in modes:
+                        model = AutoDistributedModelForCausalLM.from_pretrained(
+                            path, initial_peers=[dht], client_config=ClientConfig(push=push))
+                        ttft, tpot = measure(model, prompt, args.new_tokens, args.runs)
+                        model.swarm_connection.close()
+                        setup = f"swarm {k} peer{'s' * (k > 1)}" + ("" if len(modes) == 1 else " push" if push else " no push")
+                        rows.append((name, setup, ttft, tpot, ttft / l_ttft, tpot / l_tpot))
+    print(f"{'model':<8}{'setup':<24}{'TTFT ms':>10}{'TPOT ms':>10}{'TTFT x':>9}{'TPOT x':>9}")
     for name, setup, ttft, tpot, r1, r2 in rows:
-        print(f"{name:<8}{setup:<16}{ttft * 1e3:>10.1f}{tpot * 1e3:>10.2f}{r1:>9.2f}{r2:>9.2f}")
+        print(f"{name:<8}{setup:<24}{ttft * 1e3:>10.1f}{tpot * 1e3:>10.2f}{r1:>9.2f}{r2:>9.2f}")
     print(json.dumps({"benchmark": "generate", "rows": [
         {"model": n, "setup": s, "ttft_ms": round(a * 1e3, 2), "tpot_ms": round(b * 1e3, 3),
          "ttft_ratio": round(c, 3), "tpot_ratio": round(d, 3)} for n, s, a, b, c, d in rows]}))

@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the client and of every peer")
+    parser.add_argument("--batch-wait-ms", type=float, default=None, help="peers' --batch-wait-ms (default: theirs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -110,7 +111,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, SwarmProcesses() as procs:
         path = build(args.model, Path(tmp))
         dht = procs.start_dht()
-        launched = [procs.start_peer(path, dht, r, "--num-threads", str(args.threads), wait=False)
+        extra = ["--batch-wait-ms", str(args.batch_wait_ms)] if args.batch_wait_ms is not None else []
+        launched = [procs.start_peer(path, dht, r, "--num-threads", str(args.threads), *extra, wait=False)
                     for r in even_ranges(MODELS[args.model]["num_hidden_layers"], args.peers)]
         for proc in launched:
             procs.wait_ready(proc)

@@ -2,11 +2,13 @@
 
 Each session owns a full-length cache object of the model's own cache class (only layers
 ``[start, end)`` ever fill), so the blocks' attention code updates it exactly as in the unsplit
-model. Sessions belong to the client that opened them and expire when unused.
+model. Sessions belong to the client that opened them and expire when unused. A step forwarded by
+another peer (a pushed step, docs/wire.md) may use a session when it carries the session's key.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
@@ -58,6 +60,7 @@ class Session:
     reserved: int = 0  # batch x max_length the client announced at opening, held against the KV budget
     steps: int = 0  # steps run in this session
     last_reply: torch.Tensor | None = None  # the reply to step `steps - 1`, kept to answer a retry of it
+    key: str | None = None  # the client's secret for it: a step forwarded by another peer must carry it
 
     @property
     def charged(self) -> int:
@@ -91,7 +94,7 @@ class BlockRunner:
             session = self._sessions.get(req.session_id)
             if session is not None:
                 if session.owner != owner:
-                    raise SessionError(f"session {req.session_id!r} belongs to another client")
+                    _check_key(session, req)
                 if req.new_session and not (req.step == 0 and session.steps == 1):  # else: a retried first step
                     raise SessionError(f"session {req.session_id!r} is already open on this peer")
                 session.last_used = now
@@ -103,6 +106,9 @@ class BlockRunner:
                 )
             if len(self._sessions) >= self.limits.max_sessions:
                 raise SessionError(f"peer is full: {len(self._sessions)} open sessions (limit {self.limits.max_sessions})")
+            # a forwarded step opens the session for the client it names (the key vouches for the claim), so that
+            # client may close it and use it directly
+            owner = req.owner or owner
             mine = sum(1 for s in self._sessions.values() if s.owner == owner)
             if mine >= self.limits.max_sessions_per_client:
                 raise SessionError(
@@ -117,7 +123,7 @@ class BlockRunner:
                     f"{reserved} token slots, {max(0, self.limits.max_cache_tokens - used)} of "
                     f"{self.limits.max_cache_tokens} are free; retry later, use another peer or a smaller max_length"
                 )
-            session = Session(req.session_id, owner, self._new_cache(req.cache_class), now, reserved=reserved)
+            session = Session(req.session_id, owner, self._new_cache(req.cache_class), now, reserved=reserved, key=req.session_key)
             self._sessions[req.session_id] = session
             return session
 
@@ -422,6 +428,14 @@ class BlockRunner:
                 getattr(cache, name)(arg)
         except (RuntimeError, IndexError, ValueError) as exc:
             raise SessionError(f"cache operation {name}({arg if not isinstance(arg, torch.Tensor) else tuple(arg.shape)}) failed: {exc}") from exc
+
+
+def _check_key(session: Session, req: StepRequest) -> None:
+    """A step from someone other than the session's owner (a peer forwarding a pushed step) needs the session's key."""
+    if req.session_key is None:
+        raise SessionError(f"session {req.session_id!r} belongs to another client (and the step carries no session key)")
+    if session.key is None or not hmac.compare_digest(session.key.encode(), req.session_key.encode()):
+        raise SessionError(f"session {req.session_id!r} belongs to another client (the session key does not match)")
 
 
 def _cache_batch(cache, layer: int) -> int:

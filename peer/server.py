@@ -20,6 +20,7 @@ import torch
 
 from peer.capacity import InsufficientMemory, block_footprint, capacity_blocks, shortage_message
 from peer.batcher import ComputeQueue
+from peer.forward import Forwarder
 from peer.handler import StepHandler
 from peer.loader import load_blocks
 from peer.resources import probe_device
@@ -83,6 +84,7 @@ class PeerServer:
         self._compute = ComputeQueue(
             self._run_many, expect=self._active_sessions, max_wait_s=config.batch_wait_ms / 1e3
         )
+        self.forwarder: Forwarder | None = None  # sends pushed steps on to the next peer (set once the P2P is up)
         self._stopping: asyncio.Event | None = None
 
     # ---- backend for swarm.rpc.BlockService ----------------------------------------------------------
@@ -90,7 +92,9 @@ class PeerServer:
     async def step(self, data: bytes, owner: str) -> bytes:
         if self.handler is None:
             return self._not_serving()
-        return await self._compute.submit(data, owner)
+        reply = await self._compute.submit(data, owner)
+        # a pushed step goes on to the next peer from here, on the event loop: the compute thread is free meanwhile
+        return reply if self.forwarder is None else await self.forwarder.after_step(data, reply, owner)
 
     def _run_many(self, items: list[tuple[bytes, str]]) -> list[bytes]:
         """On the compute thread: requests that queued up together (decode steps of sessions may merge)."""
@@ -130,6 +134,8 @@ class PeerServer:
             "sessions": runner.num_sessions if runner else 0,
             "merged_steps": runner.merged_steps if runner else 0,  # forwards that ran several sessions' steps at once
             "merged_rows": runner.merged_rows if runner else 0,
+            "forwarded": self.forwarder.forwarded if self.forwarder else 0,
+            "forward_failures": self.forwarder.failed if self.forwarder else 0,
             "version": __version__,
         }
 
@@ -234,6 +240,7 @@ class PeerServer:
         try:
             self.peer_id = local_peer_id(self.dht)
             p2p = await self.dht.replicate_p2p()
+            self.forwarder = Forwarder(p2p)
             service = BlockService(backend=self)
             await service.add_p2p_handlers(p2p)
             if cfg.blocks is not None:

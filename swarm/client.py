@@ -29,7 +29,7 @@ from swarm.records import PeerRecord, model_key
 from swarm.remote import bind_session
 from swarm.router import PeerUnreachable, ReplyLost, RetryPolicy, SwarmRouter
 from swarm.routing import Span
-from swarm.rpc import UNARY_MAX_BYTES, BlockService, EmptyStream, read_reply, split_message
+from swarm.rpc import BlockService, EmptyStream, call_step
 from swarm.splitting import read_config_json
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ class ClientConfig:
     """Client-side settings. Times in seconds."""
 
     connect_timeout: float = 20.0  # joining the DHT
-    step_timeout: float = 120.0  # one step on one peer (a long prefill on a slow CPU peer can take a while)
+    step_timeout: float = 120.0  # one step on one peer (a long prefill on a slow CPU peer can take a while); a pushed step
+    # waits this x the hops of its route, and each peer on the way waits this x the hops after it
     close_timeout: float = 5.0  # closing a session
     directory_ttl: float = 5.0  # how long the list of peers read from the DHT is reused
     directory_min_interval: float = 1.0  # after a failure the list is read again, but not more often than this
@@ -51,6 +52,7 @@ class ClientConfig:
     max_history_bytes: int = 1 << 30  # per session, what is kept to replay on a replacement peer (bytes)
     microbatches: int | None = None  # stateless batches cut into this many in-flight parts; None: automatic, 1: off
     wire_dtype: str | None = None  # "bfloat16"/"float16": hidden states travel at this lower precision; None: exact
+    push: bool = True  # session steps go to the first peer only, which forwards along the route (one round trip per step)
 
     def __post_init__(self) -> None:
         wire_dtype(self.wire_dtype)  # a wrong name fails here, not at the first step
@@ -59,6 +61,7 @@ class ClientConfig:
         return RetryPolicy(
             ban_base_s=self.ban_base_s, ban_max_s=self.ban_max_s, heal_timeout_s=self.heal_timeout,
             poll_interval_s=self.directory_min_interval, max_history_bytes=self.max_history_bytes,
+            hop_timeout_s=self.step_timeout,
         )
 
 
@@ -85,23 +88,13 @@ class P2PTransport:
 
         return BlockService.get_stub(self.p2p, PeerID.from_base58(peer_id))
 
-    def step(self, peer_id: str, request: bytes) -> bytes:
-        async def call() -> bytes:
-            from hivemind.proto import runtime_pb2
-            from hivemind.utils.asyncio import iter_as_aiter
-
-            stub = self._stub(peer_id)
-            if len(request) <= UNARY_MAX_BYTES:  # the common decode step: one message each way
-                reply = await stub.rpc_step_unary(runtime_pb2.ExpertRequest(metadata=request))
-                if reply.metadata:
-                    return reply.metadata
-            stream = await stub.rpc_step(iter_as_aiter(split_message(request)))
-            return await read_reply(stream)
-
+    def step(self, peer_id: str, request: bytes, timeout: float | None = None) -> bytes:
+        """One step request; `timeout` (a pushed step: the whole chain's) replaces `ClientConfig.step_timeout`."""
+        timeout = timeout or self.config.step_timeout
         try:
-            return self.loop.run(call(), timeout=self.config.step_timeout)
+            return self.loop.run(call_step(self._stub(peer_id), request), timeout=timeout)
         except TimeoutError as exc:
-            raise PeerUnreachable(f"peer {peer_id} did not answer within {self.config.step_timeout} s") from exc
+            raise PeerUnreachable(f"peer {peer_id} did not answer within {timeout:.1f} s") from exc
         except EmptyStream as exc:
             raise ReplyLost(f"peer {peer_id}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - P2P errors of every kind mean the same to the caller
@@ -297,7 +290,8 @@ def _from_pretrained(
             connection, key, client_config.directory_ttl, client_config.directory_min_interval, client_config.directory_grace
         )
         return SwarmRouter(layout.num_blocks, directory, connection.transport, policy=client_config.retry_policy(),
-                           microbatches=client_config.microbatches, wire_dtype=wire_dtype(client_config.wire_dtype))
+                           microbatches=client_config.microbatches, push=client_config.push,
+                           wire_dtype=wire_dtype(client_config.wire_dtype))
 
     model = load_client_model(
         model_name_or_path, make_router, auto_class=auto_class, dtype=dtype,

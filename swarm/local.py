@@ -1,13 +1,17 @@
 """In-process peers: the whole swarm inside one Python process, for tests and the split demo.
 
 Every call still crosses the full wire codec and the peer's request validation (bytes in, bytes
-out), so what passes here exercises the same contract as the network.
+out), so what passes here exercises the same contract as the network. Pushed steps are forwarded
+from peer to peer here too, with the same `swarm.chain` logic libp2p peers use (`peer.forward`).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable
+
+from swarm.chain import ForwardFailed, plan_forward
 from swarm.router import SwarmRouter
 from swarm.routing import Span
 
@@ -20,19 +24,44 @@ class LocalPeer:
     handler: object  # peer.handler.StepHandler (typed loosely: swarm must not import peer)
 
 
-class LocalTransport:
-    def __init__(self, peers: list[LocalPeer]):
-        self.peers = {p.peer_id: p for p in peers}
+CLIENT = "local"  # the caller id in-process peers see for the client (peers see each other by their peer ids)
 
-    def step(self, peer_id: str, request: bytes) -> bytes:
-        return self.peers[peer_id].handler.step(request)
+
+class LocalTransport:
+    """Calls in-process peers' handlers directly. A peer forwards a pushed step as itself (the next peer sees
+    its peer id as the caller, as over libp2p), through `forward_via(peer, request, sender)` if given (a test's
+    transport that fails on cue), else directly."""
+
+    def __init__(self, peers: list[LocalPeer], forward_via: Callable[[str, bytes, str], bytes] | None = None):
+        self.peers = {p.peer_id: p for p in peers}
+        self.forward_via = forward_via
+
+    def step(self, peer_id: str, request: bytes, timeout: float | None = None) -> bytes:
+        return self.call(peer_id, request, CLIENT)
+
+    def call(self, peer_id: str, request: bytes, caller: str) -> bytes:
+        """`request` to `peer_id` as sent by `caller`, and on along the route if it is a pushed step."""
+        reply = self.peers[peer_id].handler.step(request, caller)
+        plan = plan_forward(request, reply, caller)
+        if plan is None:
+            return reply
+        if plan.error is not None:
+            return plan.reply(failure=plan.error)
+        try:
+            if self.forward_via is not None:
+                then = self.forward_via(plan.peer, plan.request, peer_id)
+            else:
+                then = self.call(plan.peer, plan.request, peer_id)
+        except Exception as exc:  # noqa: BLE001 - as a libp2p peer does: the failure goes back to the client
+            return plan.reply(failure=ForwardFailed(f"could not forward the step to peer {plan.peer}: {type(exc).__name__}: {exc}"))
+        return plan.reply(then=then)
 
     def close_session(self, peer_id: str, session_id: str, wait: bool = True) -> None:
-        self.peers[peer_id].handler.close_session(session_id)
+        self.peers[peer_id].handler.close_session(session_id, CLIENT)
 
 
 def local_router(peers: list[LocalPeer], num_blocks: int, seed: int | None = None,
-                 microbatches: int | None = None, transport=None, **router_kwargs) -> SwarmRouter:
+                 microbatches: int | None = None, push: bool = True, transport=None, **router_kwargs) -> SwarmRouter:
     spans = [Span(p.peer_id, p.start, p.end) for p in peers]
     return SwarmRouter(num_blocks, lambda: spans, transport or LocalTransport(peers), rng=random.Random(seed),
-                       microbatches=microbatches, **router_kwargs)
+                       microbatches=microbatches, push=push, **router_kwargs)

@@ -8,6 +8,10 @@ argument is a `CacheRef` to the session the peer holds. Cache operations that `g
 on the client (beam reorder, crop, batch select/repeat, reset) ride along with the next step, so
 they cost no extra round trip.
 
+A step may be *pushed* along the route (docs/wire.md, "Pushed steps"): its request names the hops after
+it (`next`), the peer forwards its output to the next one itself, and the replies come back nested
+(`StepResponse.then`), so the client sends once and receives once per step.
+
 Everything is validated on decode with named errors, never asserts: the peer reads these from
 untrusted clients.
 """
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+import math
 
 import torch
 
@@ -36,7 +42,9 @@ CACHE_OPS: dict[str, type] = {
 # Bounds a request must respect whatever the peer's own limits; they keep decoding cheap.
 MAX_CACHE_OPS = 256  # cache operations riding with one step
 MAX_INDEX_ROWS = 1 << 16  # elements of a reorder/select index tensor
-MAX_NAME_CHARS = 128  # session id, cache class, attention implementation
+MAX_NAME_CHARS = 128  # session id, cache class, attention implementation, peer ids, session keys
+MAX_CHAIN = 64  # hops a pushed step may name after the one it is sent to
+MAX_HOP_TIMEOUT_S = 3600.0  # what a pushed step may ask each hop to be waited for
 
 
 class ProtocolError(ValueError):
@@ -50,6 +58,19 @@ class RequestRefused(ProtocolError):
     """A well-formed request this peer will not run now: a block range it does not serve, a limit of
     this peer (batch, sequence length, sessions, KV budget), an unknown or foreign session. Another
     peer, or the same one later, may accept it: clients re-route instead of giving up."""
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    """One later hop of a pushed step: the peer to forward to and its request, without the hidden state
+    (the previous peer's output goes in). The request map is checked by `StepRequest.from_wire` on the
+    peer that runs it, not by the peers that pass it on."""
+
+    peer: str  # base58 libp2p peer id
+    request: dict  # that hop's `StepRequest.to_wire()` map, "hidden" left out
+
+    def to_wire(self) -> dict:
+        return {"peer": self.peer, "request": self.request}
 
 
 @dataclass
@@ -68,6 +89,10 @@ class StepRequest:
     attn_implementation: str | None = None  # the client's; masks are built for it, so the peer must match
     max_length: int | None = None  # tokens the session may reach; reserves the KV budget at session start
     step: int | None = None  # in a session: how many steps this peer has run for it before this one (see below)
+    next: list[ChainLink] = field(default_factory=list)  # a pushed step: the hops after this one, in route order
+    owner: str | None = None  # a forwarded step: the client it runs for (a claim; the session key vouches for it)
+    session_key: str | None = None  # the session's secret: with it, a step forwarded by another peer may use the session
+    hop_timeout: float | None = None  # a pushed step: seconds each hop may take; the next peer is waited for that x its hops
 
     # `step` makes a retried request safe: a peer that already ran step n of a session answers a repeat
     # of it with the reply it kept, instead of running it twice (its reply may have been lost on the way);
@@ -88,6 +113,11 @@ class StepRequest:
             "attn_implementation": self.attn_implementation,
             "max_length": self.max_length,
             "step": self.step,
+            # the push fields travel only when set: a decode step stays as small as before
+            **({"next": [link.to_wire() for link in self.next]} if self.next else {}),
+            **({"owner": self.owner} if self.owner is not None else {}),
+            **({"session_key": self.session_key} if self.session_key is not None else {}),
+            **({"hop_timeout": self.hop_timeout} if self.hop_timeout is not None else {}),
         }
 
     @classmethod
@@ -147,6 +177,9 @@ class StepRequest:
         for key, value in (("cache_class", cache_class), ("attn_implementation", attn_implementation)):
             if value is not None and not 0 < len(value) <= MAX_NAME_CHARS:
                 raise ProtocolError(f"{key!r} must be 1..{MAX_NAME_CHARS} characters, got {len(value)}")
+        push = PushFields.from_wire(msg)
+        if (push.owner is not None or push.session_key is not None) and session_id is None:
+            raise ProtocolError("'owner' and 'session_key' need a session")
         return cls(
             start=start,
             end=end,
@@ -160,23 +193,100 @@ class StepRequest:
             attn_implementation=attn_implementation,
             max_length=max_length,
             step=step,
+            next=push.next,
+            owner=push.owner,
+            session_key=push.session_key,
+            hop_timeout=push.hop_timeout,
         )
 
 
 @dataclass
-class StepResponse:
-    """The hidden state after the last block of the step."""
+class PushFields:
+    """A request's push fields, read on their own: a forwarding peer reads them from a request it decoded
+    without its tensors (`swarm.chain`); `StepRequest.from_wire` reads them the same way."""
 
-    hidden: torch.Tensor  # same shape as the request's hidden state
+    next: list[ChainLink]
+    owner: str | None
+    session_key: str | None
+    hop_timeout: float | None
+
+    @classmethod
+    def from_wire(cls, msg: dict) -> "PushFields":
+        owner = _opt(msg, "owner", str)
+        session_key = _opt(msg, "session_key", str)
+        for key, value in (("owner", owner), ("session_key", session_key)):
+            if value is not None and not 0 < len(value) <= MAX_NAME_CHARS:
+                raise ProtocolError(f"{key!r} must be 1..{MAX_NAME_CHARS} characters, got {len(value)}")
+        if owner is not None and session_key is None:
+            raise ProtocolError("'owner' names the client a forwarded step runs for and needs the session's 'session_key'")
+        if session_key is not None and not session_key.isascii():
+            raise ProtocolError("'session_key' must be ASCII")
+        hop_timeout = msg.get("hop_timeout")
+        if hop_timeout is not None:
+            if not isinstance(hop_timeout, (int, float)) or isinstance(hop_timeout, bool) or not (
+                math.isfinite(hop_timeout) and 0 < hop_timeout <= MAX_HOP_TIMEOUT_S
+            ):
+                raise ProtocolError(f"'hop_timeout' must be a number of seconds in (0, {MAX_HOP_TIMEOUT_S:.0f}], got {hop_timeout!r:.40}")
+            hop_timeout = float(hop_timeout)
+        return cls(parse_chain(msg.get("next")), owner, session_key, hop_timeout)
+
+
+def parse_chain(value: Any) -> list[ChainLink]:
+    """The `next` field of a pushed step: at most `MAX_CHAIN` ``{"peer": str, "request": map}`` entries.
+
+    Only the shape is checked here; each request is validated by the peer that runs it.
+    """
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_CHAIN:
+        got = f"{len(value)} entries" if isinstance(value, list) else type(value).__name__
+        raise ProtocolError(f"'next' must be a list of at most {MAX_CHAIN} hops, got {got}")
+    links = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise ProtocolError(f"next[{i}] must be a map with 'peer' and 'request', got {type(entry).__name__}")
+        peer, request = entry.get("peer"), entry.get("request")
+        if not isinstance(peer, str) or not 0 < len(peer) <= MAX_NAME_CHARS:
+            got = f"{len(peer)} characters" if isinstance(peer, str) else type(peer).__name__
+            raise ProtocolError(f"next[{i}].peer must be a peer id of 1..{MAX_NAME_CHARS} characters, got {got}")
+        if not isinstance(request, dict):
+            raise ProtocolError(f"next[{i}].request must be a map (that hop's step request), got {type(request).__name__}")
+        links.append(ChainLink(peer, request))
+    return links
+
+
+@dataclass
+class StepResponse:
+    """The hidden state after the last block of the step; for a pushed step, also what came after it.
+
+    A peer that forwarded a pushed step adds the next peer's reply, as the bytes it received (`then`:
+    decoded by the client, level by level, never re-encoded on the way back), or why there is none
+    (`then_error`: an `error_to_wire` map naming the next peer). A reply with neither ends the chain
+    there: the client goes on hop by hop.
+    """
+
+    hidden: torch.Tensor  # same shape as the request's hidden state: this peer's output
+    then: bytes | None = None  # the next peer's reply to the forwarded step, unparsed
+    then_error: dict | None = None  # the forwarding failed: {"v": ..., "error": {type, message, retry}}
 
     def to_wire(self) -> dict:
-        return {"v": PROTOCOL_VERSION, "hidden": self.hidden}
+        msg = {"v": PROTOCOL_VERSION, "hidden": self.hidden}
+        if self.then is not None:
+            msg["then"] = self.then
+        if self.then_error is not None:
+            msg["then_error"] = self.then_error
+        return msg
 
     @classmethod
     def from_wire(cls, msg: Any) -> "StepResponse":
         if not isinstance(msg, dict) or not isinstance(msg.get("hidden"), torch.Tensor):
             raise ProtocolError("a step response must be a map with a 'hidden' tensor")
-        return cls(hidden=msg["hidden"])
+        then, then_error = msg.get("then"), msg.get("then_error")
+        if then is not None and not isinstance(then, bytes):
+            raise ProtocolError(f"'then' must be the next peer's reply as bytes, got {type(then).__name__}")
+        if then_error is not None and not (isinstance(then_error, dict) and isinstance(then_error.get("error"), dict)):
+            raise ProtocolError("'then_error' must be an error map ({'error': {...}})")
+        return cls(hidden=msg["hidden"], then=then, then_error=then_error)
 
 
 def _cache_op(i: int, op: Any) -> tuple[str, Any]:
@@ -217,6 +327,7 @@ def _opt(msg: dict, key: str, kind: type):
 __all__ = [
     "CACHE_OPS",
     "CacheRef",
+    "ChainLink",
     "PROTOCOL_VERSION",
     "ProtocolError",
     "RemoteError",

@@ -20,6 +20,14 @@ further failure, up to `ban_max_s`) and its part of the route is re-routed aroun
   with the first one's replayed outputs. The rebuilt KV cache is the one the failed peer held, so
   the output equals a run without the failure.
 
+Push (`push=True`, docs/wire.md "Pushed steps"): a session step whose request fits one unary message
+goes to the first peer only, naming the later hops (`StepRequest.next`); each peer forwards its output
+to the next and the replies come back nested, so the client sends once and receives once per step.
+The client still gets every hop's output (the replay history needs them). If the chain breaks at hop
+k, hops before k are recorded as done and the step goes on from k hop by hop, as above: a peer that
+ran the step but whose reply was lost answers the direct repeat from the reply it kept. Replays and
+stateless passes are never pushed.
+
 If no route exists (blocks nobody serves, or only banned peers serve them), the router re-reads the
 directory and waits, at most `heal_timeout_s` from the first failure of the step, then raises
 `MissingBlocksError` naming the blocks. An error the peer marks as the request's own fault
@@ -31,6 +39,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import random
+import secrets
 import threading
 import time
 import uuid
@@ -40,7 +49,8 @@ from typing import Any, Callable, Protocol
 import torch
 
 from swarm.microbatch import auto_parts, cut, microbatch_bounds, splittable
-from swarm.protocol import ProtocolError, RemoteError, StepRequest, StepResponse, raise_if_error
+from swarm.chain import PUSH_MAX_BYTES
+from swarm.protocol import ChainLink, ProtocolError, RemoteError, StepRequest, StepResponse, raise_if_error
 from swarm.remote import ClientSession
 from swarm.routing import Hop, MissingBlocksError, Span, choose_route, missing_blocks
 from swarm.wire import WireError, decode_message, encode_message
@@ -63,8 +73,9 @@ class SessionLost(RuntimeError):
 
 
 class Transport(Protocol):
-    def step(self, peer_id: str, request: bytes) -> bytes:
-        """Send one step request; raise `PeerUnreachable` (or `OSError`/`TimeoutError`) if no reply came."""
+    def step(self, peer_id: str, request: bytes, timeout: float | None = None) -> bytes:
+        """Send one step request; raise `PeerUnreachable` (or `OSError`/`TimeoutError`) if no reply came.
+        `timeout` (seconds; None: the transport's own) is given for pushed steps, which wait for a whole chain."""
         ...
 
     def close_session(self, peer_id: str, session_id: str, wait: bool = True) -> None: ...
@@ -79,6 +90,7 @@ class RetryPolicy:
     heal_timeout_s: float = 60.0  # a step waits at most this long (from its first failure) for a usable route
     poll_interval_s: float = 1.0  # while waiting, re-read the directory this often
     max_history_bytes: int = 1 << 30  # replay history kept per session; past it, a failed peer ends the session
+    hop_timeout_s: float = 120.0  # a pushed step: each hop may take this long; the client waits this x the hops
 
 
 class Bans:
@@ -144,10 +156,12 @@ def build_step(
     session_id: str | None = None,
     new_session: bool | None = None,
     step: int | None = None,
+    session_key: str | None = None,
 ) -> StepRequest:
     """One hop's request: the arguments of layers ``[hop.start, hop.end)``, each distinct set sent once.
 
-    `session_id` / `new_session` override the session's (a replacement hop opens its own session id).
+    `session_id` / `new_session` override the session's (a replacement hop opens its own session id);
+    `session_key` is the hop's secret (sent when the session opens, and in every pushed request).
     """
     calls, index = dedupe_calls(layer_calls[hop.start : hop.end])
     if session is not None:
@@ -167,6 +181,7 @@ def build_step(
         attn_implementation=attn_implementation,
         max_length=session.max_length if session else None,
         step=step if session else None,
+        session_key=session_key if session else None,
     )
 
 
@@ -191,6 +206,9 @@ class _SessionHop:
     hop: Hop
     session_id: str  # this hop's session id on its peer (replacements get fresh ones)
     synced: int = 0  # steps of the session this peer has run (it holds their keys/values)
+    # the session's secret on this peer: lets a step that another peer forwards (push) use the session
+    key: str = field(default_factory=lambda: secrets.token_hex(16))
+    unsure: bool = False  # a pushed step reached no further than this hop's input: its peer may have run it anyway
 
 
 @dataclass
@@ -233,6 +251,7 @@ class SwarmRouter:
         policy: RetryPolicy = RetryPolicy(),
         microbatches: int | None = None,
         wire_dtype: torch.dtype | None = None,
+        push: bool = False,
     ):
         self.num_blocks = num_blocks
         self.spans = spans  # the directory: returns the current spans; may have `invalidate()` to force a re-read
@@ -242,6 +261,9 @@ class SwarmRouter:
         self.bans = Bans(policy.ban_base_s, policy.ban_max_s)
         self.microbatches = microbatches  # stateless steps: None picks a count per step, 1 turns pipelining off
         self.wire_dtype = wire_dtype  # hidden states travel in this dtype (peers reply in it); None: the model's own
+        # session steps go to the first peer only, which forwards along the route; the transport's peers must
+        # do that (libp2p peers do; `swarm.local.LocalTransport` does it in-process)
+        self.push = push
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._states: dict[str, _SessionState] = {}
         self._lock = threading.Lock()
@@ -313,9 +335,14 @@ class SwarmRouter:
     ) -> torch.Tensor:
         out = None
         k = 0
+        push = self.push and self._pushable(state, t)
         while k < len(state.hops):
             shop = state.hops[k]
             try:
+                if push:  # once, from the first hop; hops the chain did not reach go on one by one below
+                    push = False
+                    k, out = self._push_step(session, state, t, layer_calls, attn_implementation)
+                    continue
                 out = self._sync_hop(session, state, shop, t, layer_calls, attn_implementation)
             except _PeerFailed as failure:
                 recovery.failed(str(failure), shop.hop.peer_id)
@@ -357,7 +384,7 @@ class SwarmRouter:
         step = state.steps.pop()
         session.pending_ops = step.ops + session.pending_ops
         for i, shop in enumerate(state.hops):
-            if shop.synced > t:
+            if shop.synced > t or shop.unsure:
                 self._close_quietly(shop.hop.peer_id, shop.session_id, wait=False)
                 state.hops[i] = self._fresh_hop(session, state, shop.hop)
         if not state.steps:
@@ -379,9 +406,11 @@ class SwarmRouter:
             request = build_step(
                 hop, step.inputs[hop.start], calls, session, step.ops, attn_implementation,
                 session_id=shop.session_id, new_session=shop.synced == 0, step=i,
+                session_key=shop.key if shop.synced == 0 else None,  # opening: later pushed steps will need it
             )
             out = self._send(hop, request)
             shop.synced = i + 1
+            shop.unsure = False
             if hop.end < self.num_blocks:
                 if i < t and hop.end not in step.inputs and not state.history_dropped:
                     state.history_bytes += out.numel() * out.element_size()
@@ -389,6 +418,106 @@ class SwarmRouter:
             session.opened_on.add(hop.peer_id)
         self.bans.succeeded(hop.peer_id)
         return out
+
+    # ---- pushed steps --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _pushable(state: _SessionState, t: int) -> bool:
+        """Whether step `t` can be pushed: several hops, none behind (replays go hop by hop), no peer twice in a row
+        (a peer does not call itself)."""
+        hops = state.hops
+        return (
+            len(hops) > 1
+            and all(h.synced == t for h in hops)
+            and all(a.hop.peer_id != b.hop.peer_id for a, b in zip(hops, hops[1:]))
+        )
+
+    def _push_step(
+        self, session: ClientSession, state: _SessionState, t: int, layer_calls: list[tuple[tuple, dict]],
+        attn_implementation: str | None,
+    ) -> tuple[int, torch.Tensor | None]:
+        """Send step `t` to the first hop, naming the others; each peer forwards to the next (docs/wire.md).
+
+        Returns ``(k, out)``: hops ``[0, k)`` ran the step and their outputs are recorded (the history needs each
+        boundary's), `out` is hop ``k - 1``'s. Hops from `k` on did not answer through the chain: the caller goes on
+        from there hop by hop (a peer that ran the step anyway answers the repeat from the reply it kept). A step too
+        large for one unary message is not pushed (k = 0). The first hop's own error reply counts as that peer's
+        failure (`_PeerFailed` / `RemoteError`), exactly as without push.
+        """
+        hops, step = state.hops, state.steps[t]
+        hidden = step.inputs[0]
+        if hidden.numel() * hidden.element_size() * len(hops) > PUSH_MAX_BYTES:  # the nested replies must fit too
+            return 0, None
+        requests = [
+            build_step(
+                shop.hop, hidden, layer_calls, session, step.ops, attn_implementation, session_id=shop.session_id,
+                new_session=t == 0, step=t, session_key=shop.key if (i > 0 or t == 0) else None,
+            )
+            for i, shop in enumerate(hops)
+        ]
+        for request in requests:
+            request.hop_timeout = self.policy.hop_timeout_s
+        links = []
+        for shop, request in zip(hops[1:], requests[1:]):
+            # the previous peer's output goes in as "hidden"; absent fields read as unset (fewer nodes to walk)
+            msg = {k: v for k, v in request.to_wire().items() if k != "hidden" and v is not None and v != []}
+            links.append(ChainLink(shop.hop.peer_id, msg))
+        requests[0].next = links
+        data = encode_message(requests[0].to_wire())  # the hops' shared tensors (rotary, cache ops) travel once
+        if len(data) > PUSH_MAX_BYTES:
+            return 0, None
+        for shop in hops:
+            shop.unsure = True  # until its output comes back: if the step is abandoned, its session is not trusted
+            session.opened_on.add(shop.hop.peer_id)  # it may hold the session now (closed at the end either way)
+        first = hops[0].hop
+        try:
+            raw = self.transport.step(first.peer_id, data, timeout=self.policy.hop_timeout_s * len(hops))
+        except (PeerUnreachable, OSError, TimeoutError) as exc:
+            logger.info("pushed step %d of session %s: peer %s: %s: %s; going on hop by hop", t, session.session_id,
+                        first.peer_id, type(exc).__name__, exc)
+            return 0, None
+        out = None
+        for k, shop in enumerate(hops):
+            hop = shop.hop
+            try:
+                reply = decode_message(raw)
+                if k == 0:  # the first hop's own answer: its errors mean what they mean without push
+                    raise_if_error(reply, hop.peer_id)
+                elif isinstance(reply, dict) and isinstance(reply.get("error"), dict):
+                    logger.info("pushed step %d of session %s: peer %s answered through the chain: %s; going on hop by "
+                                "hop", t, session.session_id, hop.peer_id, reply["error"].get("message"))
+                    return k, out
+                response = StepResponse.from_wire(reply)
+                if response.hidden.shape != hidden.shape:
+                    raise ProtocolError(f"returned a hidden state of {tuple(response.hidden.shape)} for {tuple(hidden.shape)}")
+            except RemoteError as exc:  # k == 0
+                if not exc.retry:
+                    raise
+                forgot = exc.kind == "SessionError" and exc.message.startswith("unknown session")
+                raise _PeerFailed(hop, str(exc), peer_healthy=forgot) from exc
+            except (WireError, ProtocolError) as exc:
+                if k == 0:
+                    raise _PeerFailed(hop, f"peer {hop.peer_id}: {type(exc).__name__}: {exc}") from exc
+                logger.info("pushed step %d of session %s: peer %s answered through the chain with %s: %s; going on hop "
+                            "by hop", t, session.session_id, hop.peer_id, type(exc).__name__, exc)
+                return k, out
+            out = response.hidden
+            shop.synced, shop.unsure = t + 1, False
+            if hop.end < self.num_blocks:
+                step.inputs[hop.end] = out
+            self.bans.succeeded(hop.peer_id)
+            if k + 1 < len(hops) and response.then is not None:
+                raw = response.then
+                continue
+            if k + 1 < len(hops) and response.then_error is not None:
+                try:
+                    raise_if_error(response.then_error, hop.peer_id)
+                except RemoteError as exc:
+                    if not exc.retry:  # the chain entry itself was unusable: any peer would refuse it
+                        raise
+                    logger.info("pushed step %d of session %s: %s; going on hop by hop", t, session.session_id, exc)
+            return k + 1, out  # the whole route, or the chain ended here (e.g. a repeat answered): the rest hop by hop
+        return len(hops), out
 
     def _run_stateless(self, hidden: torch.Tensor, layer_calls: list[tuple[tuple, dict]], attn: str | None) -> torch.Tensor:
         """A step without a cache; a batch is cut into micro-batches kept in flight together along the route,

@@ -128,6 +128,21 @@ async def read_reply(stream: AsyncIterator, limit: int = MAX_MESSAGE_BYTES) -> b
             await aclose()
 
 
+async def call_step(stub, request: bytes) -> bytes:
+    """Send one step request to the peer behind `stub` and return its reply (clients, and peers forwarding a
+    pushed step). A request that fits goes in one unary message; one that does not, or whose reply would
+    not (the peer answers empty), goes over a stream: a session step is numbered, so the repeat is
+    answered from the reply the peer kept, not run twice."""
+    from hivemind.utils.asyncio import iter_as_aiter
+
+    if len(request) <= UNARY_MAX_BYTES:  # the common decode step: one message each way
+        reply = await stub.rpc_step_unary(runtime_pb2.ExpertRequest(metadata=request))
+        if reply.metadata:
+            return reply.metadata
+    stream = await stub.rpc_step(iter_as_aiter(split_message(request)))
+    return await read_reply(stream)
+
+
 async def _drain(stream: AsyncIterator) -> None:
     """Read and drop the rest of a stream (so the sender's end-of-stream write does not break)."""
     async for _ in stream:

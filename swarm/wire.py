@@ -41,6 +41,7 @@ from hivemind.proto import runtime_pb2
 __all__ = [
     "CacheRef",
     "Limits",
+    "RawTensor",
     "WireError",
     "decode",
     "decode_message",
@@ -140,6 +141,19 @@ class CacheRef:
     """A KV-cache object inside a message: the cache stays on the peer, the wire carries its session."""
 
     session_id: str  # the inference session whose cache this stands for
+
+
+@dataclass(frozen=True, eq=False)
+class RawTensor:
+    """A tensor passed on without being decoded: its proto and bit-packing spec exactly as received.
+
+    `decode(..., raw_tensors=True)` yields these instead of tensors, and `encode` writes them back as they
+    came. A peer forwarding a pushed step uses this to hand the client's arguments and its own output on
+    to the next peer without building or re-serializing tensors; the next peer decodes and checks them.
+    """
+
+    proto: runtime_pb2.Tensor
+    spec: Any  # None, or [shape, dtype, fill] for a bit-packed tensor (unchecked: the receiver checks it)
 
 
 @dataclass(frozen=True)
@@ -242,6 +256,15 @@ class _Encoder:
             if index is None:
                 index = self.add_tensor(obj)
                 self.index_by_id[id(obj)] = index
+            return [_TAG_TENSOR, index]
+        if tp is RawTensor:
+            index = self.index_by_id.get(id(obj))
+            if index is None:
+                if len(self.protos) >= self.limits.max_tensors:
+                    raise _PathError(ValueError, f"more than {self.limits.max_tensors} distinct tensors (Limits.max_tensors)")
+                self.protos.append(obj.proto)
+                self.specs.append(obj.spec)
+                index = self.index_by_id[id(obj)] = len(self.protos) - 1
             return [_TAG_TENSOR, index]
         if tp is torch.dtype:
             return [_TAG_DTYPE, _DTYPE_VALUE_NAMES[obj]]
@@ -614,11 +637,13 @@ def decode(
     metadata: bytes,
     *,
     limits: Limits = DEFAULT_LIMITS,
+    raw_tensors: bool = False,
 ) -> Any:
     """Rebuild the structure `encode` produced. Input is untrusted: anything wrong raises `WireError`.
 
     Every tensor proto is checked (compression, dtype, shape vs. bytes, limits) before any tensor is
-    allocated; a tensor referenced several times decodes to one shared object.
+    allocated; a tensor referenced several times decodes to one shared object. With `raw_tensors`, tensors
+    are neither checked nor built: each is a `RawTensor` to pass on (the structure is checked as ever).
     """
     n = len(tensors)
     if n > limits.max_tensors:
@@ -648,6 +673,13 @@ def decode(
     if type(specs) is not list or len(specs) != n:
         _fail(f"metadata lists {_len(specs)} tensor specs for {n} tensors")
 
+    if raw_tensors:
+        decoder = _Decoder([RawTensor(tensors[i], specs[i]) for i in range(n)], limits.max_depth)
+        try:
+            return decoder.node(tree, 0)
+        except _PathError as exc:
+            raise WireError(f"metadata at {exc.path()}: {exc.message}") from None
+
     plans, buffers, total = [], [], 0
     for i in range(n):
         proto = tensors[i]
@@ -674,7 +706,7 @@ def _len(value: Any) -> str:
     return str(len(value)) if isinstance(value, (list, dict, str, bytes)) else "n/a"
 
 
-def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Any:
+def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS, raw_tensors: bool = False) -> Any:
     """`decode` of one serialized ``runtime_pb2.ExpertRequest`` (as `encode_message` makes)."""
     # protobuf framing adds a few bytes per tensor; the payload itself is bounded by the decoded limits
     max_size = limits.max_total_bytes + limits.max_metadata_bytes + 64 * (limits.max_tensors + 1)
@@ -686,4 +718,4 @@ def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Any:
         request = runtime_pb2.ExpertRequest.FromString(data)
     except Exception as exc:  # google.protobuf.message.DecodeError and friends
         raise WireError(f"message ({len(data)} bytes) is not a valid ExpertRequest protobuf: {exc}") from exc
-    return decode(request.tensors, request.metadata, limits=limits)
+    return decode(request.tensors, request.metadata, limits=limits, raw_tensors=raw_tensors)

@@ -364,6 +364,12 @@ def peer_named(peers: dict, peer_id: str) -> str:
     return next(name for name, proc in peers.items() if proc.info["peer_id"] == peer_id)
 
 
+def forward_counts(client, proc) -> tuple[int, int]:
+    """Steps a peer forwarded along a pushed route, and forwards that failed (its `rpc_info`)."""
+    info = client.swarm_connection.transport.info(proc.info["peer_id"])
+    return info["forwarded"], info["forward_failures"]
+
+
 def test_e2e_kill_9_mid_generation_gives_the_same_tokens(client8, swarm8, llama8):
     procs, dht, peers = swarm8
     killed: list[str] = []
@@ -373,11 +379,15 @@ def test_e2e_kill_9_mid_generation_gives_the_same_tokens(client8, swarm8, llama8
         peers[victim].stop(signal.SIGKILL)
         killed.append(victim)
 
+    counts = forward_counts(client8, peers["A"])
     out, before, after = generate_and_disturb(client8, 16, kill)
     assert torch.equal(out, llama8[2])
     (victim,) = killed
     assert peers[victim].info["peer_id"] in {h.peer_id for h in before}
     assert peers[victim].info["peer_id"] not in {h.peer_id for h in after}  # re-routed to the replica
+    # the steps were pushed (A forwarded them to 4:8), the chain broke at the killed peer, and pushing went on
+    forwarded, failures = (a - b for a, b in zip(forward_counts(client8, peers["A"]), counts))
+    assert failures >= 1 and forwarded >= 64 - 16
 
 
 def test_e2e_frozen_peer_times_out_and_the_restarted_peer_is_used_again(client8, swarm8, llama8):
@@ -398,6 +408,7 @@ def test_e2e_frozen_peer_times_out_and_the_restarted_peer_is_used_again(client8,
         os.killpg(peers[victim].popen.pid, signal.SIGSTOP)
         frozen.append(victim)
 
+    counts = forward_counts(client8, peers["A"])
     began = time.monotonic()
     try:
         out, before, after = generate_and_disturb(client8, 16, freeze)
@@ -405,6 +416,8 @@ def test_e2e_frozen_peer_times_out_and_the_restarted_peer_is_used_again(client8,
         for name in frozen:
             os.killpg(peers[name].popen.pid, signal.SIGCONT)
     assert torch.equal(out, want)
+    forwarded, failures = (a - b for a, b in zip(forward_counts(client8, peers["A"]), counts))
+    assert failures >= 1 and forwarded >= 64 - 16  # A waited for the frozen peer, gave up, and pushing went on
     (victim,) = frozen
     used = {h.peer_id for h in before} | {h.peer_id for h in after}
     assert peers[victim].info["peer_id"] not in {h.peer_id for h in after}

@@ -68,7 +68,10 @@ def padded_batch():
     return ids, mask
 
 
-def test_generation_equals_local(client, local):
+def test_generation_equals_local(client, local, swarm):
+    _, _, peers = swarm
+    first = peers["0:3"].info["peer_id"]
+    forwarded_before = client.swarm_connection.transport.info(first)["forwarded"]
     prompt = torch.tensor([[11, 22, 33, 44, 55]])
     greedy = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
     assert torch.equal(client.generate(prompt, **greedy), local.generate(prompt, **greedy))
@@ -87,6 +90,8 @@ def test_generation_equals_local(client, local):
 
     with torch.no_grad():
         torch.testing.assert_close(client(ids, attention_mask=mask).logits, local(ids, attention_mask=mask).logits)
+    # session steps were pushed (ClientConfig.push is on by default): the first peer forwarded them along the route
+    assert client.swarm_connection.transport.info(first)["forwarded"] - forwarded_before >= 50  # of 54 session steps
 
 
 def test_inference_session_spans_generate_calls(client, local):

@@ -558,3 +558,23 @@ def test_fuzz_payload_bytes_of_well_formed_protos_always_decode(noise):
     assert [tuple(t.shape) for t in out] == [(3, 5), (2, 2), (1, 1, 5, 5), (11,), (6,), (9,)]
     assert set(out[5].view(torch.uint8).tolist()) <= {0, 1}  # raw bool bytes are normalised
     assert out[0].dtype == torch.float32 and out[1].dtype == torch.float64 and out[2].dtype == torch.bfloat16
+
+
+def test_raw_tensors_pass_through_unchanged():
+    """A forwarding peer decodes without building tensors and re-encodes what it got: bit for bit the same
+    tensors arrive, masks still bit-packed, shared tensors still sent once."""
+    shared = torch.randn(1, 4, 8)
+    mask = torch.zeros(1, 1, 4, 4).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+    obj = {"hidden": torch.randn(1, 4, 16, dtype=torch.bfloat16), "rotary": (shared, shared), "mask": mask,
+           "flags": torch.tensor([True, False]), "cache": CacheRef("s"), "n": 3}
+    data = encode_message(obj)
+    raw = decode_message(data, raw_tensors=True)
+    assert type(raw["hidden"]).__name__ == "RawTensor" and raw["rotary"][0] is raw["rotary"][1]
+    again = encode_message({**raw, "extra": torch.ones(2)})  # a raw tensor and a new one in one message
+    assert len(again) < len(data) + 200  # nothing re-serialized bigger (the mask stays bit-packed)
+    got = decode_message(again)
+    assert_same({k: v for k, v in got.items() if k != "extra"}, obj)
+    assert got["rotary"][0] is got["rotary"][1]
+    assert torch.equal(got["extra"], torch.ones(2))
+    with pytest.raises(WireError):  # the structure is still checked
+        decode_message(b"\x00garbage", raw_tensors=True)

@@ -16,16 +16,16 @@ from tests.tiny_models import NUM_LAYERS, save_tiny
 
 
 class Spy(LocalTransport):
-    """Records the dtype of every hidden state sent and received."""
+    """Records the dtype of every hidden state sent and received, by the client and by peers forwarding pushed steps."""
 
     def __init__(self, peers):
         super().__init__(peers)
         self.sent: list[torch.dtype] = []
         self.received: list[torch.dtype] = []
 
-    def step(self, peer_id: str, request: bytes) -> bytes:
+    def call(self, peer_id: str, request: bytes, caller: str) -> bytes:
         self.sent.append(StepRequest.from_wire(decode_message(request)).hidden.dtype)
-        reply = super().step(peer_id, request)
+        reply = super().call(peer_id, request, caller)
         self.received.append(StepResponse.from_wire(decode_message(reply)).hidden.dtype)
         return reply
 
@@ -44,10 +44,15 @@ def test_lower_precision_on_the_wire_is_close_and_only_when_asked(wire, tmp_path
         return load_client_model(path, make_router, auto_class=AutoModelForCausalLM, dtype=torch.float32)
 
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    lossy_model = model(wire)
     with torch.no_grad():
         want = local(input_ids=ids).logits
         exact = model(None)(input_ids=ids).logits
-        lossy = model(wire)(input_ids=ids).logits
+        lossy = lossy_model(input_ids=ids).logits
+    # a session too: its pushed steps go peer to peer at the lower precision
+    calls = len(spies[wire].sent)
+    out = lossy_model.generate(ids[:1], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 18) and len(spies[wire].sent) >= calls + 6 * 3
     torch.testing.assert_close(exact, want, rtol=1e-5, atol=1e-5)
     assert set(spies[None].sent) == set(spies[None].received) == {torch.float32}
     assert set(spies[wire].sent) == set(spies[wire].received) == {wire}  # every hop, both ways

@@ -1,0 +1,520 @@
+"""Pushed session steps: the client sends once per step, peers forward along the route (docs/wire.md).
+
+Two parts:
+- in-process peers (the real handler, runner, codec and `swarm.chain`) behind a transport whose links
+  fail on cue, the client's as well as the peers' own: exact checks of what a broken chain falls back to;
+  the session key on the runner; the `next` field's validation;
+- real processes (`swarm dht`, `swarm run-peer`, a 3-hop route with replicas of the later hops): tokens and
+  logits equal the local model's, one client call per step, kill -9 and SIGSTOP of the middle and last
+  peers mid-generation, bad chain entries and forwarded requests without the session key.
+
+Every generation is compared with the same checkpoint run whole in this process (float32: same tokens).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from peer.inprocess import start_local_peers
+from peer.runner import BlockRunner, SessionError
+from swarm.client import DistributedModelMixin
+from swarm.local import LocalTransport
+from swarm.model import load_client_model
+from swarm.protocol import ChainLink, ProtocolError, StepRequest, StepResponse
+from swarm.router import PeerUnreachable, RetryPolicy, SwarmRouter
+from swarm.routing import MissingBlocksError, Span
+from swarm.wire import CacheRef, decode_message, encode_message
+from tests.tiny_models import save_tiny
+
+FAST = RetryPolicy(ban_base_s=0.5, ban_max_s=2.0, heal_timeout_s=1.0, poll_interval_s=0.05)
+GREEDY = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# in-process
+
+
+class ChainFaults:
+    """In-process peers that forward pushed steps, with faults on any link.
+
+    `step` is the client's call, `forward` a peer's call to the next one. `dead` peers answer nobody;
+    `cut` peers answer peers but not the client; `lose[peer] = n`: the n-th forwarded step `peer` gets is
+    run, but its reply does not reach the peer that forwarded it.
+    """
+
+    def __init__(self, peers):
+        self.inner = LocalTransport(peers, forward_via=self.forward)
+        self.client_calls: list[str] = []
+        self.forwards: list[str] = []
+        self.dead: set[str] = set()
+        self.cut: set[str] = set()
+        self.lose: dict[str, int] = {}
+
+    def step(self, peer_id: str, request: bytes, timeout: float | None = None) -> bytes:
+        self.client_calls.append(peer_id)
+        if peer_id in self.dead or peer_id in self.cut:
+            raise PeerUnreachable(f"peer {peer_id} is unreachable")
+        return self.inner.step(peer_id, request)
+
+    def forward(self, peer_id: str, request: bytes, sender: str) -> bytes:
+        self.forwards.append(peer_id)
+        if peer_id in self.dead:
+            raise PeerUnreachable(f"peer {peer_id} is dead")
+        reply = self.inner.call(peer_id, request, sender)
+        if peer_id in self.lose:
+            self.lose[peer_id] -= 1
+            if self.lose[peer_id] == 0:
+                del self.lose[peer_id]
+                raise PeerUnreachable(f"the reply of peer {peer_id} was lost")
+        return reply
+
+    def close_session(self, peer_id: str, session_id: str, wait: bool = True) -> None:
+        if peer_id in self.dead or peer_id in self.cut:
+            raise PeerUnreachable(f"peer {peer_id} is dead")
+        self.inner.close_session(peer_id, session_id)
+
+
+class Directory:
+    def __init__(self, spans):
+        self.spans = list(spans)
+
+    def __call__(self):
+        return list(self.spans)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = save_tiny("llama", tmp_path_factory.mktemp("push"))  # 6 blocks
+    return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def make_split(path, ranges, push=True, visible=None):
+    peers = start_local_peers(path, ranges)
+    transport = ChainFaults(peers)
+    spans = [Span(p.peer_id, p.start, p.end) for p in peers]
+    directory = Directory(spans if visible is None else [spans[i] for i in visible])
+    routers = []
+
+    def make_router(layout, config):
+        routers.append(SwarmRouter(layout.num_blocks, directory, transport, rng=random.Random(0), policy=FAST, push=push))
+        return routers[0]
+
+    model = load_client_model(path, make_router, auto_class=AutoModelForCausalLM, dtype=torch.float32,
+                              mixin=DistributedModelMixin)
+    return model, peers, transport, directory, routers[0]
+
+
+def ids(n=5, seed=0):
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("push", [True, False])
+def test_a_pushed_step_is_one_client_call_and_gives_the_same_tokens(llama, push):
+    path, local = llama
+    split, peers, transport, *_ = make_split(path, [(0, 2), (2, 4), (4, 6)], push=push)
+    want = local.generate(ids(), **GREEDY)
+    assert torch.equal(split.generate(ids(), **GREEDY), want)
+    steps = GREEDY["max_new_tokens"]  # forward passes: the prefill and 19 decode steps
+    assert len(transport.client_calls) == (steps if push else 3 * steps)
+    assert len(transport.forwards) == (2 * steps if push else 0)
+    beams = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)  # reorders ride along, pushed
+    assert torch.equal(split.generate(ids(), **beams), local.generate(ids(), **beams))
+    import gc
+
+    gc.collect()  # generate's own caches are closed on the peers when collected
+    assert sum(p.handler.runner.num_sessions for p in peers) == 0
+
+
+@pytest.mark.parametrize("where", ["middle", "last"])
+def test_a_peer_dying_inside_the_chain_is_replaced_and_replayed_exactly(llama, where):
+    path, local = llama
+    split, peers, transport, *_ = make_split(path, [(0, 2), (2, 4), (4, 6), (2, 4), (4, 6)])
+    tokens = []
+
+    class Kill:
+        def put(self, value):
+            tokens.append(value)
+            if len(tokens) == 8:  # the prompt and 7 new tokens: kill whichever peer serves that part of the route now
+                hops = split.swarm_capture.router._states[next(iter(split.swarm_capture.router._states))].hops
+                transport.dead.add(hops[1 if where == "middle" else 2].hop.peer_id)
+
+        def end(self):
+            pass
+
+    with split.inference_session(max_length=64) as cache:
+        out = split.generate(ids(), streamer=Kill(), **GREEDY)
+        hops = cache._swarm_session.hops
+    assert torch.equal(out, local.generate(ids(), **GREEDY))
+    (dead,) = transport.dead
+    assert dead not in {h.peer_id for h in hops}
+    # after the failure, steps were pushed again along the new route: one client call per step from then on
+    assert transport.client_calls[-1] == hops[0].peer_id and transport.forwards[-1] == hops[2].peer_id
+
+
+def test_a_reply_lost_inside_the_chain_is_answered_again_without_running_twice(llama):
+    path, local = llama
+    split, peers, transport, _, router = make_split(path, [(0, 2), (2, 4), (4, 6)])
+    transport.lose[peers[2].peer_id] = 6  # peer 2 runs its 6th forwarded step; peer 1 never gets the reply
+    with split.inference_session(max_length=64):
+        out = split.generate(ids(), **GREEDY)
+        (session,) = peers[2].handler.runner._sessions.values()
+        assert session.steps == GREEDY["max_new_tokens"]  # the client's direct repeat was answered from the kept reply
+    assert torch.equal(out, local.generate(ids(), **GREEDY))
+    assert router.bans.active() == frozenset() and not transport.lose
+    # the client went to peer 2 directly once: one client call per step plus that one
+    assert transport.client_calls.count(peers[2].peer_id) == 1
+
+
+def test_a_step_abandoned_after_a_broken_chain_does_not_trust_the_peers_past_the_break(llama):
+    """Peer 1 runs step t through the chain and forwards it to peer 2, which runs it too; peer 1's reply is lost
+    and the client cannot reach peer 1: the step fails for good. The caller then sends a *different* step t;
+    peer 2 must not answer it from the reply it kept."""
+    path, local = llama
+    split, peers, transport, directory, router = make_split(path, [(0, 2), (2, 4), (4, 6)])
+    prompt = ids(6, seed=2)
+    with split.inference_session(max_length=64):
+        first = split.generate(prompt, max_new_tokens=4, do_sample=False)
+        transport.lose[peers[1].peer_id] = 1
+        transport.cut.add(peers[1].peer_id)
+        with pytest.raises(MissingBlocksError, match=r"block\(s\) 2\.\.3"):
+            split.generate(first, max_new_tokens=4, do_sample=False)
+        transport.cut.clear()
+        router.bans = type(router.bans)(FAST.ban_base_s, FAST.ban_max_s)  # the swarm healed: forget the ban
+        other = first.clone()
+        other[0, -1] = (other[0, -1] + 1) % 128  # a different last token: step t's inputs differ
+        second = split.generate(other, max_new_tokens=4, do_sample=False)
+    assert torch.equal(second, local.generate(other, max_new_tokens=4, do_sample=False))
+
+
+def test_a_prefill_too_large_for_one_message_goes_hop_by_hop(llama, monkeypatch):
+    import swarm.router
+
+    monkeypatch.setattr(swarm.router, "PUSH_MAX_BYTES", 100_000)  # what a unary message holds, scaled to the tiny model
+    path, local = llama
+    split, peers, transport, *_ = make_split(path, [(0, 2), (2, 4), (4, 6)])
+    long_prompt = ids(200, seed=5)  # (1, 200, 64) float32 x 3 hops of nested replies: over the bound
+    gen = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(split.generate(long_prompt, **gen), local.generate(long_prompt, **gen))
+    assert transport.client_calls[:3] == [p.peer_id for p in peers]  # the prefill: one call per hop
+    assert len(transport.client_calls) == 3 + 2  # then the 2 decode steps, pushed
+
+
+def _request(session="s", *, new=True, step=0, key=None, owner=None, next_=()) -> StepRequest:
+    hidden = torch.zeros(1, 1, 64)
+    rotary = (torch.ones(1, 1, 16), torch.zeros(1, 1, 16))
+    return StepRequest(start=0, end=2, hidden=hidden, calls=[((), {"position_embeddings": rotary,
+                       "past_key_values": CacheRef(session)})], layer_calls=[0, 0], session_id=session,
+                       new_session=new, step=step, session_key=key, owner=owner, next=list(next_))
+
+
+def test_a_forwarded_step_needs_the_session_key(llama):
+    path, _ = llama
+    (peer,) = start_local_peers(path, [(0, 2)])
+    runner: BlockRunner = peer.handler.runner
+    key = "0123456789abcdef0123456789abcdef"
+    runner.step(_request(key=key), owner="client")  # the client opens it, with its key
+    # another peer forwards step 1 for the client: without the key, or with a wrong one, it is refused
+    with pytest.raises(SessionError, match="carries no session key"):
+        runner.step(_request(new=False, step=1), owner="peer-a")
+    with pytest.raises(SessionError, match="the session key does not match"):
+        runner.step(_request(new=False, step=1, key="f" * 32, owner="client"), owner="peer-a")
+    runner.step(_request(new=False, step=1, key=key, owner="client"), owner="peer-a")
+    runner.step(_request(new=False, step=2), owner="client")  # and the owner goes on directly, keyless
+    # a session opened by a forwarded step belongs to the client it names: that client may close it, the forwarder not
+    runner.step(_request("t", key=key, owner="client"), owner="peer-a")
+    with pytest.raises(SessionError, match="belongs to another client"):
+        runner.close_session("t", "peer-a")
+    assert runner.close_session("t", "client")
+    # a session opened without a key cannot be used by anyone but its owner
+    runner.step(_request("u"), owner="client")
+    with pytest.raises(SessionError, match="does not match"):
+        runner.step(_request("u", new=False, step=1, key=key, owner="client"), owner="peer-a")
+
+
+def test_next_is_validated_strictly():
+    ok = _request(key="k" * 32, next_=[ChainLink("QmPeer", {"start": 2})])
+    assert StepRequest.from_wire(decode_message(encode_message(ok.to_wire()))).next == ok.next
+    assert "next" not in _request().to_wire()  # an unpushed step looks as it did before push existed
+    bad = {
+        "not a list": ({"next": {"peer": "x"}}, "must be a list"),
+        "too long": ({"next": [{"peer": "x", "request": {}}] * 65}, "at most 64"),
+        "not a map": ({"next": ["x"]}, r"next\[0\] must be a map"),
+        "peer not a str": ({"next": [{"peer": 5, "request": {}}]}, r"next\[0\]\.peer"),
+        "peer too long": ({"next": [{"peer": "x" * 129, "request": {}}]}, r"next\[0\]\.peer"),
+        "request not a map": ({"next": [{"peer": "x", "request": [1]}]}, r"next\[0\]\.request must be a map"),
+        "owner without key": ({"owner": "someone"}, "needs the session's 'session_key'"),
+        "key without session": ({"session_id": None, "session_key": "k", "new_session": False, "step": None,
+                                 "calls": [[[], {}]]}, "need a session"),
+        "absurd hop timeout": ({"hop_timeout": 1e9}, "hop_timeout"),
+        "non-ASCII key": ({"session_key": "ключ"}, "ASCII"),
+    }
+    for name, (fields, message) in bad.items():
+        msg = {**_request().to_wire(), **fields}
+        with pytest.raises(ProtocolError, match=message):
+            StepRequest.from_wire(decode_message(encode_message(msg)))
+    with pytest.raises(ProtocolError, match="then"):
+        StepResponse.from_wire({"hidden": torch.zeros(1), "then": "not bytes"})
+
+
+def test_a_bad_chain_entry_is_a_clear_error_and_the_peer_goes_on(llama):
+    path, _ = llama
+    peers = start_local_peers(path, [(0, 2), (2, 4)])
+    transport = LocalTransport(peers)
+    link = _request(step=0)
+    link.start, link.end = 2, 4
+    nested = link.to_wire()
+    del nested["hidden"]
+    req = _request("a", key="k" * 32, next_=[ChainLink("nobody", nested)])
+    reply = StepResponse.from_wire(decode_message(transport.step("local-0", encode_message(req.to_wire()))))
+    assert reply.then is None and "nobody" in reply.then_error["error"]["message"]  # no such peer: named, and retryable
+    # a nested request that is garbage: the next peer's own error reply comes back, nested
+    req = _request("b", key="k" * 32, next_=[ChainLink("local-1", {"v": 1, "start": "x"})])
+    reply = StepResponse.from_wire(decode_message(transport.step("local-0", encode_message(req.to_wire()))))
+    nested_reply = decode_message(reply.then)
+    assert nested_reply["error"]["retry"] is False and "'start' must be an integer" in nested_reply["error"]["message"]
+    # both peers still serve
+    assert "error" not in decode_message(transport.step("local-0", encode_message(_request("c").to_wire())))
+
+
+# ---------------------------------------------------------------------------------------------------
+# real processes
+
+E2E_CONFIG = dict(step_timeout=3.0, heal_timeout=12.0, ban_base_s=2.0, directory_ttl=2.0)
+PROMPT = torch.tensor([[11, 22, 33, 44, 55]])
+LONG = dict(max_new_tokens=48, do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def llama8(tmp_path_factory):
+    root = tmp_path_factory.mktemp("push-e2e")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(root / "llama8")
+    local = AutoModelForCausalLM.from_pretrained(root / "llama8").eval()
+    return root / "llama8", local
+
+
+@pytest.fixture(scope="module")
+def swarm(llama8):
+    from tests.processes import SwarmProcesses
+
+    model, _ = llama8
+    with SwarmProcesses() as procs:
+        dht = procs.start_dht()
+        names = [("0:3", "0:3"), ("3:5", "3:5"), ("3:5b", "3:5"), ("5:8", "5:8"), ("5:8b", "5:8")]
+        launched = [(name, procs.start_peer(model, dht, blocks, name=name, wait=False)) for name, blocks in names]
+        peers = {name: SwarmProcesses.wait_ready(proc) for name, proc in launched}
+        yield procs, dht, peers
+
+
+def connect(model, dht, **config):
+    from swarm import AutoDistributedModelForCausalLM, ClientConfig
+
+    return AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=[dht],
+                                                           client_config=ClientConfig(**{**E2E_CONFIG, **config}))
+
+
+class CountingTransport:
+    """The client's transport, counting the requests it sends."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def step(self, peer_id, request, timeout=None):
+        self.calls += 1
+        return self.inner.step(peer_id, request, timeout=timeout)
+
+    def close_session(self, peer_id, session_id, wait=True):
+        self.inner.close_session(peer_id, session_id, wait=wait)
+
+
+def forwarded(client, peers) -> dict[str, int]:
+    return {name: client.swarm_connection.transport.info(proc.info["peer_id"])["forwarded"] for name, proc in peers.items()}
+
+
+def test_e2e_pushed_generation_equals_local_with_one_client_call_per_step(llama8, swarm):
+    model, local = llama8
+    _, dht, peers = swarm
+    clients = {push: connect(model, dht, push=push) for push in (True, False)}
+    try:
+        before = forwarded(clients[True], peers)
+        for push, client in clients.items():
+            router = client.swarm_capture.router
+            router.transport = CountingTransport(router.transport)
+            with client.inference_session(max_length=64):
+                out = client.generate(PROMPT, max_new_tokens=12, do_sample=False, pad_token_id=0)
+            assert torch.equal(out, local.generate(PROMPT, max_new_tokens=12, do_sample=False, pad_token_id=0))
+            assert router.transport.calls == (12 if push else 3 * 12), f"push={push}: {router.transport.calls} calls"
+        after = forwarded(clients[True], peers)
+        assert after["0:3"] - before["0:3"] == 12  # the first peer forwarded every step...
+        assert sum(after[n] - before[n] for n in ("3:5", "3:5b")) == 12  # ...and so did the middle one
+        assert sum(after[n] - before[n] for n in ("5:8", "5:8b")) == 0
+        # logits of a padded batch in a session (pushed prefill) and beam search
+        ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+        mask = torch.ones_like(ids)
+        ids[0, :4], mask[0, :4] = 0, 0
+        client = clients[True]
+        beams = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(client.generate(PROMPT, **beams), local.generate(PROMPT, **beams))
+        with torch.no_grad(), client.inference_session(max_length=32) as cache:
+            got = client(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        torch.testing.assert_close(got, local(ids, attention_mask=mask).logits)
+    finally:
+        for client in clients.values():
+            client.swarm_connection.close()
+
+
+class Progress:
+    """A `generate` streamer that signals after `at` new tokens (and paces decoding a little)."""
+
+    def __init__(self, at: int):
+        self.at, self.seen = at, -1
+        self.reached = threading.Event()
+
+    def put(self, value) -> None:
+        self.seen += 1
+        if self.seen >= self.at:
+            self.reached.set()
+        time.sleep(0.02)
+
+    def end(self) -> None:
+        self.reached.set()
+
+
+def generate_and_disturb(client, disturb):
+    result: dict = {}
+    progress = Progress(12)
+    with client.inference_session(max_length=80) as cache:
+        session = cache._swarm_session
+
+        def run():
+            try:
+                result["out"] = client.generate(PROMPT, streamer=progress, **LONG)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                result["error"] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert progress.reached.wait(120), "generation did not start"
+        before = list(session.hops)
+        disturb(before)
+        thread.join(180)
+        assert not thread.is_alive(), "generation hangs"
+        after = list(session.hops)
+    if "error" in result:
+        raise result["error"]
+    return result["out"], before, after
+
+
+def name_of(peers, peer_id):
+    return next(name for name, proc in peers.items() if proc.info["peer_id"] == peer_id)
+
+
+@pytest.mark.parametrize("signal_, position", [(signal.SIGKILL, 1), (signal.SIGSTOP, 2)], ids=["kill-9-middle", "sigstop-last"])
+def test_e2e_a_peer_failing_inside_a_pushed_route_gives_the_same_tokens(llama8, swarm, signal_, position):
+    model, local = llama8
+    _, dht, peers = swarm
+    client = connect(model, dht)
+    want = local.generate(PROMPT, **LONG)
+    hit: list[str] = []
+
+    def disturb(hops):
+        assert len(hops) == 3
+        victim = name_of(peers, hops[position].peer_id)
+        hit.append(victim)
+        if signal_ == signal.SIGKILL:
+            peers[victim].stop(signal.SIGKILL)
+        else:
+            os.killpg(peers[victim].popen.pid, signal.SIGSTOP)
+
+    router = client.swarm_capture.router
+    router.transport = CountingTransport(router.transport)
+    began = time.monotonic()
+    try:
+        out, before, after = generate_and_disturb(client, disturb)
+        assert torch.equal(out, want)
+        # one call per pushed step, plus the failed hop's direct request and the replay of ~12-16 steps on its
+        # replacement; the steps after it are pushed again (the replacement's session took the key at opening)
+        assert router.transport.calls < LONG["max_new_tokens"] + 25, router.transport.calls
+        (victim,) = hit
+        assert peers[victim].info["peer_id"] not in {h.peer_id for h in after}  # re-routed to the replica
+        assert len(after) == 3
+        assert time.monotonic() - began < 90
+        # pushing went on after the failure, through the replica
+        replica = name_of(peers, after[position].peer_id)
+        assert replica != victim
+        assert forwarded(client, {"0:3": peers["0:3"]})["0:3"] > 0
+    finally:
+        for name in hit:
+            if signal_ == signal.SIGSTOP:
+                os.killpg(peers[name].popen.pid, signal.SIGCONT)
+        client.swarm_connection.close()
+
+
+def test_e2e_bad_chain_entries_and_keyless_forwards_are_refused_clearly(llama8, swarm):
+    from swarm.client import SwarmConnection
+
+    model, local = llama8
+    _, dht, peers = swarm
+    first = peers["0:3"].info["peer_id"]
+    honest = connect(model, dht)
+    attacker = SwarmConnection([dht])
+    try:
+        def send(req: StepRequest) -> dict:
+            return decode_message(attacker.transport.step(first, encode_message(req.to_wire())))
+
+        def link(session, *, key=None, new=False, step=None, start=3, end=5) -> dict:
+            req = _request(session, new=new, step=step, key=key)
+            req.start, req.end, req.layer_calls = start, end, [0] * (end - start)
+            msg = req.to_wire()
+            del msg["hidden"]
+            return msg
+
+        def first_hop(session, key, next_):
+            req = _request(session, key=key, next_=next_)
+            req.start, req.end, req.layer_calls = 0, 3, [0, 0, 0]
+            return req
+
+        # malformed `next`: refused before any compute, the request's own fault
+        bad = first_hop("x1", "k" * 32, [])
+        msg = {**bad.to_wire(), "next": [{"peer": 7, "request": {}}]}
+        reply = decode_message(attacker.transport.step(first, encode_message(msg)))
+        assert reply["error"]["retry"] is False and "next[0].peer" in reply["error"]["message"]
+        # a peer id that is not base58: the first peer ran its part and says why it could not go on
+        reply = StepResponse.from_wire(send(first_hop("x2", "k" * 32, [ChainLink("not-base58-0OIl", link("x2"))])))
+        assert reply.then_error["error"]["retry"] is False and "not a base58 peer id" in reply.then_error["error"]["message"]
+
+        # an honest session's hop on the middle peer, used through a forward without its key, or with a wrong one
+        with honest.inference_session(max_length=64) as cache:
+            start = honest.generate(PROMPT, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            state = honest.swarm_capture.router._states[cache._swarm_session.session_id]
+            target = state.hops[1]
+            middle, step_no = target.hop.peer_id, target.synced
+            assert (target.hop.start, target.hop.end) == (3, 5)
+            for key, needle in ((None, "carries no session key"), ("f" * 32, "does not match")):
+                entry = link(target.session_id, key=key, step=step_no)
+                reply = StepResponse.from_wire(send(first_hop(f"y{key}", "k" * 32, [ChainLink(middle, entry)])))
+                nested = decode_message(reply.then)
+                assert nested["error"]["type"] == "SessionError" and needle in nested["error"]["message"]
+            # a foreign client sending straight to the middle peer: refused as ever
+            direct = _request(target.session_id, new=False, step=step_no)
+            direct.start, direct.end, direct.layer_calls = 3, 5, [0, 0]
+            reply = decode_message(attacker.transport.step(middle, encode_message(direct.to_wire())))
+            assert "belongs to another client" in reply["error"]["message"]
+            more = honest.generate(start, max_new_tokens=4, do_sample=False, pad_token_id=0)  # the session goes on
+        assert torch.equal(more, local.generate(PROMPT, max_new_tokens=8, do_sample=False, pad_token_id=0))
+        s_first = _request("z")
+        s_first.start, s_first.end, s_first.layer_calls = 0, 3, [0, 0, 0]
+        assert "error" not in send(s_first)  # the first peer still serves
+    finally:
+        attacker.close()
+        honest.swarm_connection.close()
