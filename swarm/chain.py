@@ -13,14 +13,11 @@ Pure functions: no sockets, no threads. swarm/router.py reads the nested reply o
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from swarm.protocol import PROTOCOL_VERSION, ChainLink, ProtocolError, PushFields, error_to_wire
 from swarm.rpc import UNARY_MAX_BYTES
 from swarm.wire import RawTensor, WireError, decode_message, encode_message
-
-logger = logging.getLogger(__name__)
 
 # Only steps that fit one unary message are pushed (clients chain decode steps and short prefills); a
 # peer does not look for `next` in a larger request, so it never parses a long prefill twice.
