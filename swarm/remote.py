@@ -73,22 +73,25 @@ def bind_session(cache, router: Router, max_length: int | None = None) -> Client
         return session
     session = ClientSession(session_id=uuid.uuid4().hex, cache_class=type(cache).__name__, max_length=max_length)
     for name in CACHE_OPS:
-        original = getattr(cache, name, None)
+        original = getattr(type(cache), name, None)
         if original is None:
             continue
-        setattr(cache, name, _forwarding_op(name, original, session))
+        # the wrapper holds the cache weakly: a cycle (cache -> wrapper -> cache) would leave the cache, and so
+        # the session on the peers, to the garbage collector's next full pass instead of closing it when
+        # `generate` drops the cache
+        setattr(cache, name, _forwarding_op(name, original, weakref.ref(cache), session))
     cache._swarm_session = session
     weakref.finalize(cache, _close_quietly, router, session)
     return session
 
 
-def _forwarding_op(name: str, original: Callable, session: ClientSession) -> Callable:
+def _forwarding_op(name: str, original: Callable, cache_ref: weakref.ref, session: ClientSession) -> Callable:
     def op(*args):
         arg = args[0] if args else None
         if isinstance(arg, torch.Tensor):
             arg = arg.detach().to("cpu", copy=True)
         session.pending_ops.append((name, arg))
-        return original(*args)
+        return original(cache_ref(), *args)
 
     op.__name__ = name
     return op

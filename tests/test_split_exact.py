@@ -164,3 +164,21 @@ def test_pipelined_microbatches_match_local(name, model_dir):
     field = "logits" if spec.causal else "last_hidden_state"
     torch.testing.assert_close(getattr(out_split, field), getattr(out_local, field), rtol=1e-5, atol=1e-5)
     assert routers[0]._pool is not None, "the batch should have been cut into micro-batches"
+
+
+def test_generate_closes_its_sessions_without_waiting_for_the_garbage_collector(model_dir):
+    """A `generate` call's cache is freed when the call returns, and its peers' sessions close then (a
+    reference cycle once left every session open until the collector's next full pass: peers filled up)."""
+    import gc
+
+    local, split, peers = load_pair("llama", model_dir)
+    prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    gc.disable()
+    try:
+        for _ in range(3):
+            split.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            assert open_sessions(peers) == 0
+        split.generate(prompt, max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
+        assert open_sessions(peers) == 0
+    finally:
+        gc.enable()
