@@ -38,9 +38,9 @@ def register(sub) -> None:
     p.add_argument("--announce-period", type=float, default=30.0, help="seconds between DHT refreshes")
     p.add_argument("--num-threads", type=int, default=None,
                    help="torch CPU threads (default: all cores; give each peer a share when several run on one host)")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+    p.add_argument("--batch-wait-ms", type=float, default=50.0,
                    help="while other sessions are active, a decode step may wait this long (at most one batch's "
-                        "compute time) for theirs, to run them as one batch (default: 10; 0: never wait)")
+                        "compute time) for theirs, to run them as one batch (default: 50; 0: never wait)")
     p.add_argument("--attn-implementation", default=None, help="transformers attention implementation")
     p.add_argument("--gpus-per-peer", type=int, default=None, metavar="K",
                    help="multi-GPU host: start one peer process per group of K GPUs (round-robin through "

@@ -63,7 +63,7 @@ class PeerConfig:
     num_threads: int | None = None  # torch CPU threads; None: torch's default (all cores)
     use_auto_relay: bool = False  # behind NAT: be reachable through relay nodes
     throughput_cache_dir: str | None = None  # where measured throughput is cached; None: ~/.cache/swarm
-    batch_wait_ms: float = 10.0  # a step may wait this long (and at most one batch's time) for other active sessions' steps
+    batch_wait_ms: float = 50.0  # a step may wait this long (and at most one batch's time) for other active sessions' steps
     limits: RunnerLimits = field(default_factory=RunnerLimits)
 
 
