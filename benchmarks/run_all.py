@@ -13,8 +13,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
-    ("generate.py", []),  # TTFT / TPOT, swarm with 1-3 peers vs local
+    ("generate.py", ["--compare-push"]),  # TTFT / TPOT, swarm with 1-3 peers (push and not) vs local
     ("pipeline.py", []),  # micro-batch pipelining vs the same route without
+    ("sessions.py", []),  # 8 concurrent sessions vs one (peers merge their decode steps)
     ("wire_size.py", []),  # bytes per hop vs the hidden state
     ("peer_memory.py", []),  # a peer's load vs its blocks' bytes
     ("planner.py", []),  # planner speed, balance, churn

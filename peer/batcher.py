@@ -30,7 +30,7 @@ class ComputeQueue:
 
     def __init__(
         self,
-        run_many: Callable[[list[tuple[bytes, str]]], list[bytes]],
+        run_many: Callable[..., list[bytes]],  # (items, done(k, reply)) -> replies
         max_items: int = 64,
         expect: Callable[[], int] | None = None,
         max_wait_s: float = 0.0,
@@ -91,15 +91,19 @@ class ComputeQueue:
             return
         self.batches += 1
         self.requests += len(live)
+        def done(k: int, reply: bytes) -> None:  # each reply goes out as soon as it is ready
+            _, _, future, loop, _ = live[k]
+            _call_soon(loop, _set_result, future, reply)
+
         try:
-            replies = self.run_many([(data, owner) for data, owner, _, _, _ in live])
+            replies = self.run_many([(data, owner) for data, owner, _, _, _ in live], done)
         except BaseException as exc:  # noqa: BLE001 - the handler answers errors itself; this is a bug guard
             logger.exception("compute batch failed")
             for _, _, future, loop, _ in live:
                 _call_soon(loop, _set_exception, future, exc)
             return
         for (_, _, future, loop, _), reply in zip(live, replies):
-            _call_soon(loop, _set_result, future, reply)
+            _call_soon(loop, _set_result, future, reply)  # no-op for those `done` answered
 
     def _fail_queued(self) -> None:
         while True:

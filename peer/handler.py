@@ -13,6 +13,7 @@ another client its session. Each error reply says whether another peer may succe
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from peer.runner import BlockRunner
 from swarm.protocol import ProtocolError, StepRequest, error_to_wire
@@ -33,24 +34,37 @@ class StepHandler:
     def step(self, data: bytes, owner: str = "local") -> bytes:
         return self.step_many([(data, owner)])[0]
 
-    def step_many(self, items: list[tuple[bytes, str]]) -> list[bytes]:
-        """Replies to requests that arrived together (the runner may merge their decode steps into one batch)."""
+    def step_many(self, items: list[tuple[bytes, str]], done: Callable[[int, bytes], None] | None = None) -> list[bytes]:
+        """Replies to requests that arrived together (the runner may merge their decode steps into one batch).
+
+        `done(k, reply)` is called as soon as reply k is ready, before the requests after it have run.
+        """
         replies: list[bytes | None] = [None] * len(items)
+
+        def put(k: int, reply: bytes) -> None:
+            replies[k] = reply
+            if done is not None:
+                done(k, reply)
+
         decoded: list[tuple[int, StepRequest, str]] = []
         for k, (data, owner) in enumerate(items):
             try:
                 decoded.append((k, StepRequest.from_wire(decode_message(data)), owner))
             except BaseException as exc:  # noqa: BLE001 - answered to its sender alone
-                replies[k] = _error_reply(exc)
-        results = self.runner.step_many([(req, owner) for _, req, owner in decoded]) if decoded else []
-        for (k, _, _), result in zip(decoded, results):
+                put(k, _error_reply(exc))
+
+        def finished(j: int, result) -> None:
             if isinstance(result, BaseException):
-                replies[k] = _error_reply(result)
-                continue
-            try:
-                replies[k] = encode_message(result.to_wire())
-            except Exception as exc:  # noqa: BLE001
-                replies[k] = _error_reply(exc)
+                reply = _error_reply(result)
+            else:
+                try:
+                    reply = encode_message(result.to_wire())
+                except Exception as exc:  # noqa: BLE001
+                    reply = _error_reply(exc)
+            put(decoded[j][0], reply)
+
+        if decoded:
+            self.runner.step_many([(req, owner) for _, req, owner in decoded], done=finished)
         return replies  # type: ignore[return-value]
 
     def close_session(self, session_id: str, owner: str = "local") -> bool:

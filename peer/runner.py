@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -218,7 +219,9 @@ class BlockRunner:
             raise result
         return result
 
-    def step_many(self, items: list[tuple[StepRequest, str]]) -> list[StepResponse | BaseException]:
+    def step_many(
+        self, items: list[tuple[StepRequest, str]], done: Callable[[int, StepResponse | BaseException], None] | None = None
+    ) -> list[StepResponse | BaseException]:
         """Run several requests that arrived together; each gets its reply or its own error.
 
         Decode steps of different sessions that fit together (`peer.merge`) run as one batch through the
@@ -230,24 +233,29 @@ class BlockRunner:
         for req, owner in items:
             # two requests of one session (a retry next to its original) run in separate rounds, in order
             if req.session_id is not None and req.session_id in seen:
-                results += self._step_round(batch)
+                results += self._step_round(batch, len(results), done)
                 batch, seen = [], set()
             batch.append((req, owner))
             if req.session_id is not None:
                 seen.add(req.session_id)
-        return results + self._step_round(batch)
+        return results + self._step_round(batch, len(results), done)
 
-    def _step_round(self, items: list[tuple[StepRequest, str]]) -> list[StepResponse | BaseException]:
+    def _step_round(self, items: list[tuple[StepRequest, str]], offset: int, done) -> list[StepResponse | BaseException]:
         results: list[StepResponse | BaseException | None] = [None] * len(items)
+
+        def put(k: int, result: StepResponse | BaseException) -> None:
+            results[k] = result
+            if done is not None:
+                done(offset + k, result)
         ready: list[tuple[int, StepRequest, Session | None]] = []
         for k, (req, owner) in enumerate(items):
             try:
                 reply, session = self._begin(req, owner)
             except BaseException as exc:  # noqa: BLE001 - the request's own error, answered to it alone
-                results[k] = exc
+                put(k, exc)
                 continue
             if reply is not None:
-                results[k] = reply
+                put(k, reply)
             else:
                 ready.append((k, req, session))
         for group in self._groups(ready):
@@ -260,7 +268,7 @@ class BlockRunner:
                     self.merged_steps += 1
                     self.merged_rows += sum(req.hidden.shape[0] for _, req, _ in group)
                     for (k, req, session), hidden in zip(group, outs):
-                        results[k] = self._finish(session, hidden)
+                        put(k, self._finish(session, hidden))
                     continue
             for k, req, session in group:
                 try:
@@ -268,9 +276,9 @@ class BlockRunner:
                 except BaseException as exc:  # noqa: BLE001
                     if session is not None:  # its cache may hold part of this step: the client rebuilds it elsewhere
                         self._drop(session)
-                    results[k] = exc
+                    put(k, exc)
                     continue
-                results[k] = self._finish(session, hidden)
+                put(k, self._finish(session, hidden))
         return results  # type: ignore[return-value]
 
     def _begin(self, req: StepRequest, owner: str) -> tuple[StepResponse | None, Session | None]:

@@ -96,12 +96,12 @@ class PeerServer:
         # a pushed step goes on to the next peer from here, on the event loop: the compute thread is free meanwhile
         return reply if self.forwarder is None else await self.forwarder.after_step(data, reply, owner)
 
-    def _run_many(self, items: list[tuple[bytes, str]]) -> list[bytes]:
+    def _run_many(self, items: list[tuple[bytes, str]], done=None) -> list[bytes]:
         """On the compute thread: requests that queued up together (decode steps of sessions may merge)."""
         handler = self.handler
         if handler is None:
             return [self._not_serving()] * len(items)
-        return handler.step_many(items)
+        return handler.step_many(items, done)
 
     def _active_sessions(self) -> int:
         runner = self.runner

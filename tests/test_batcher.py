@@ -15,7 +15,7 @@ class Recorder:
         self.calls: list[list[bytes]] = []
         self.first_sleep = first_sleep
 
-    def __call__(self, items):
+    def __call__(self, items, done=None):
         self.calls.append([data for data, _ in items])
         if len(self.calls) == 1 and self.first_sleep:
             time.sleep(self.first_sleep)
@@ -64,7 +64,7 @@ def test_waits_for_active_sessions_within_the_bound_but_a_lone_request_does_not(
 
 
 def test_a_failing_batch_fails_its_requests_and_the_queue_goes_on():
-    def run_many(items):
+    def run_many(items, done=None):
         if any(data == b"boom" for data, _ in items):
             raise RuntimeError("bug")
         return [data for data, _ in items]
@@ -78,3 +78,32 @@ def test_a_failing_batch_fails_its_requests_and_the_queue_goes_on():
 
     assert asyncio.run(main()) == b"fine"
     q.stop()
+
+
+def test_each_reply_goes_out_as_soon_as_it_is_ready():
+    """Requests taken together but run one by one (e.g. pipelined micro-batches) are answered one by one:
+    the first reply does not wait for the requests after it (the next peer of the route can start on it)."""
+    def run_many(items, done):
+        done(0, b"first")
+        time.sleep(1.0)
+        done(1, b"second")
+        return [b"first", b"second"]
+
+    gate = Recorder(first_sleep=0.3)
+    q = ComputeQueue(lambda items, done=None: gate(items) if items[0][0] == b"hold" else run_many(items, done))
+
+    async def main():
+        hold = asyncio.ensure_future(q.submit(b"hold", "x"))  # keeps the thread busy while the two queue up
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        a = asyncio.ensure_future(q.submit(b"a", "x"))
+        b = asyncio.ensure_future(q.submit(b"b", "x"))
+        first = await a
+        first_s = time.monotonic() - t0
+        await asyncio.gather(hold, b)
+        return first, first_s, b.result()
+
+    first, first_s, second = asyncio.run(main())
+    q.stop()
+    assert (first, second) == (b"first", b"second")
+    assert first_s < 0.9  # ~0.3 s (the held batch), not ~1.3 s (after the second request ran)
