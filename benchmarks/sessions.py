@@ -61,9 +61,17 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     import psutil
 
     out = {}
+    named = set(pids.values())
     for name, pid in pids.items():
         main = psutil.Process(pid)
-        for label, procs in ((name, [main]), (f"{name} children", main.children(recursive=True))):
+        # children: p2p daemons, DHT processes (not the peers this script started: they have their own rows)
+        below = main.children(recursive=True)
+        others = {c.pid for c in below if c.pid in named}
+        for c in below:
+            if c.pid in others:
+                others |= {d.pid for d in c.children(recursive=True)}
+        children = [c for c in below if c.pid not in others]
+        for label, procs in ((name, [main]), (f"{name} children", children)):
             total = 0.0
             for proc in procs:
                 try:

@@ -37,16 +37,7 @@ def merge_value(values: Sequence[Any], rows: Sequence[int]) -> Any:
     """One argument for the merged batch from each step's own (`rows[i]`: step i's batch size)."""
     first = values[0]
     if isinstance(first, torch.Tensor):
-        if not all(isinstance(v, torch.Tensor) for v in values):
-            raise CannotMerge("a tensor argument is not a tensor in every step")
-        if first.ndim >= 2 and all(v.shape[0] == r for v, r in zip(values, rows)):
-            tail = first.shape[1:]
-            if any(v.shape[1:] != tail or v.dtype != first.dtype for v in values):
-                raise CannotMerge("batch-major tensors of different shapes or dtypes")
-            return torch.cat(list(values))
-        if all(_same_tensor(first, v) for v in values[1:]):
-            return first
-        raise CannotMerge(f"a tensor of shape {tuple(first.shape)} differs between steps and is not batch-major")
+        return _merge_tensor(values, rows, min_ndim=2)
     if isinstance(first, CacheRef):
         if not all(isinstance(v, CacheRef) for v in values):
             raise CannotMerge("a cache argument is not a cache in every step")
@@ -109,24 +100,26 @@ def merge_caches(caches: Sequence[Any], layers: range, rows: Sequence[int]) -> A
         for name in vars(layer):
             vals = [getattr(l, name) for l in per_session]
             if isinstance(vals[0], torch.Tensor):
-                setattr(layer, name, _merge_cache_tensor(vals, rows))
+                setattr(layer, name, _merge_tensor(vals, rows, min_ndim=1))  # keys/values: (batch, heads, length, dim)
             elif not all(type(v) is type(vals[0]) and v == vals[0] for v in vals[1:]):
                 raise CannotMerge(f"cache layer {i}: {name} differs between sessions")
         merged.layers[i] = layer
     return merged
 
 
-def _merge_cache_tensor(values: list, rows: Sequence[int]) -> torch.Tensor:
+def _merge_tensor(values: Sequence[Any], rows: Sequence[int], min_ndim: int) -> torch.Tensor:
+    """Concatenate batch-major tensors (first dim = each step's rows, at least `min_ndim` dims); pass an
+    equal one once; anything else cannot merge."""
     if not all(isinstance(v, torch.Tensor) for v in values):
-        raise CannotMerge("a cache tensor is missing in some session")
+        raise CannotMerge("a tensor is not a tensor in every step")
     first = values[0]
-    if first.ndim >= 1 and first.numel() and all(v.shape[0] == r for v, r in zip(values, rows)):
-        if any(v.shape[1:] != first.shape[1:] for v in values):
-            raise CannotMerge("sessions' caches hold different lengths")
-        return torch.cat(values)
+    if first.ndim >= min_ndim and all(v.shape[0] == r for v, r in zip(values, rows)):
+        if any(v.shape[1:] != first.shape[1:] or v.dtype != first.dtype for v in values):
+            raise CannotMerge("batch-major tensors of different shapes (e.g. cache lengths) or dtypes")
+        return torch.cat(list(values))
     if all(_same_tensor(first, v) for v in values[1:]):
         return first
-    raise CannotMerge("a cache tensor differs between sessions and is not batch-major")
+    raise CannotMerge(f"a tensor of shape {tuple(first.shape)} differs between steps and is not batch-major")
 
 
 def split_caches(merged: Any, caches: Sequence[Any], layers: range, rows: Sequence[int]) -> None:
