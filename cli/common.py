@@ -1,8 +1,10 @@
-"""Argument helpers shared by subcommands."""
+"""Argument helpers and the wait-for-Ctrl-C loop shared by subcommands."""
 
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 
 
 def add_initial_peers(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -57,3 +59,20 @@ def parse_blocks(text: str) -> tuple[int, int]:
     if not 0 <= start < end:
         raise argparse.ArgumentTypeError(f"--blocks {text}: need 0 <= START < END")
     return start, end
+
+
+def wait_until_stopped(stop: threading.Event | None = None, poll_s: float = 0.5) -> None:
+    """Block the main thread until `stop` is set (by the SIGINT/SIGTERM handlers installed here) or, with
+    `stop=None`, until Ctrl-C raises KeyboardInterrupt.
+
+    It polls rather than waiting once without a timeout: the kernel may deliver a process-wide signal to
+    any thread, and CPython runs Python-level handlers only in the main thread, between bytecodes. An
+    untimed wait on a lock in the main thread is only woken if the signal happens to land on that thread,
+    so a command with busy helper threads could sleep through Ctrl-C.
+    """
+    if stop is not None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    event = stop or threading.Event()
+    while not event.wait(poll_s):
+        pass

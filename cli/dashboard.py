@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import threading
 
-from cli.common import add_initial_peers
+from cli.common import add_initial_peers, wait_until_stopped
 
 
 def register(sub) -> None:
@@ -40,11 +39,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", flush=True)
         return 2
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     with dashboard:
         dashboard.start()
         print(f"swarm dashboard serving {dashboard.url} (JSON: {dashboard.url}api/state, "
               f"Prometheus: {dashboard.url}metrics); Ctrl-C to stop", flush=True)
-        stop.wait()
+        wait_until_stopped(stop)
     return 0

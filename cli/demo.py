@@ -22,12 +22,12 @@ import shlex
 import signal
 import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cli.children import ChildFailed, Children, wait_all
+from cli.common import wait_until_stopped
 
 MIB = 2**20
 
@@ -109,7 +109,6 @@ class Demo:
     def run(self) -> int:
         cfg = self.config
         _quiet_libraries(cfg.verbose)
-        stop = threading.Event()
         _raise_on_termination()  # SIGTERM / SIGHUP clean up like Ctrl-C does
         print("swarm demo: a whole swarm on this machine" + ("" if cfg.once else " (Ctrl-C stops it)"), flush=True)
         try:
@@ -119,7 +118,7 @@ class Demo:
                     self._run_swarm()
                     if not cfg.once:
                         print("\nThe swarm keeps running; Ctrl-C stops it.", flush=True)
-                        stop.wait()
+                        wait_until_stopped()  # until Ctrl-C (or SIGTERM/SIGHUP) raises KeyboardInterrupt
                 finally:
                     print("stopping the swarm ...", flush=True)
         except ChildFailed as exc:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 
-from cli.common import add_initial_peers
+from cli.common import add_initial_peers, wait_until_stopped
 
 
 def register(sub) -> None:
@@ -41,8 +40,6 @@ def run(args: argparse.Namespace) -> int:
     for maddr in maddrs:
         print(maddr, flush=True)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    wait_until_stopped(stop)
     dht.shutdown()
     return 0

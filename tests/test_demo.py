@@ -108,7 +108,8 @@ def test_demo_stops_everything_on_ctrl_c(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "demo", "--no-sentences", "--max-new-tokens", "4",
          "--cache-dir", str(tmp_path / "cache"), "--dashboard-port", "0"],
-        cwd=ROOT, env=demo_env(tmp_path, mark), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT, env={**demo_env(tmp_path, mark), "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job has
     )
     lines = []
@@ -121,7 +122,14 @@ def test_demo_stops_everything_on_ctrl_c(tmp_path):
             pytest.fail("swarm demo exited before it was up:\n" + "".join(lines))
         assert len(marked_processes(mark)) > 10  # the swarm is up: demo, 5 children, their p2p daemons, ...
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        rest, _ = proc.communicate(timeout=60)
+        try:
+            rest, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            # PYTHONFAULTHANDLER (set below) makes SIGABRT print every thread's stack: show where it hangs
+            proc.send_signal(signal.SIGABRT)
+            rest, _ = proc.communicate(timeout=30)
+            pytest.fail("swarm demo still running 60 s after Ctrl-C; its output and stacks:\n"
+                        + "".join(lines) + rest[-20000:])
         lines.append(rest)
         assert proc.returncode == 0, "".join(lines)
         assert "stopped." in rest
