@@ -30,6 +30,13 @@ def register(sub) -> None:
     p.add_argument("--activation-reserve", default="256MiB", help="memory kept free for activations (default: 256MiB)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all interfaces)")
     p.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
+    p.add_argument("--direct", default="private", choices=["private", "always", "never"],
+                   help="direct TCP connections for steps, ~8x faster than libp2p per hop but unencrypted: accept them "
+                        "and use them to peers at loopback/private addresses (private, the default), to any address "
+                        "(always), or not at all (never)")
+    p.add_argument("--direct-port", type=int, default=0,
+                   help="TCP port for direct connections, on --host (0: any free port; with --gpus-per-peer, "
+                        "peer i gets P+i)")
     p.add_argument("--announce-maddrs", nargs="*", default=[], help="addresses other machines should dial")
     p.add_argument("--use-auto-relay", action="store_true",
                    help="behind NAT without a public address: reach others through relay nodes")
@@ -91,6 +98,8 @@ def run_one(args: argparse.Namespace) -> int:
         attn_implementation=args.attn_implementation,
         num_threads=args.num_threads,
         batch_wait_ms=args.batch_wait_ms,
+        direct=args.direct,
+        direct_port=args.direct_port,
         use_auto_relay=args.use_auto_relay,
     )
     try:
@@ -107,7 +116,7 @@ FORWARDED_OPTIONS = [  # (argparse dest, flag) of every option a child peer gets
     ("device", "--device"), ("dtype", "--dtype"), ("max_memory", "--max-memory"), ("cache_tokens", "--cache-tokens"),
     ("activation_reserve", "--activation-reserve"), ("host", "--host"), ("announce_period", "--announce-period"),
     ("num_threads", "--num-threads"), ("attn_implementation", "--attn-implementation"),
-    ("batch_wait_ms", "--batch-wait-ms"),
+    ("batch_wait_ms", "--batch-wait-ms"), ("direct", "--direct"),
 ]
 
 
@@ -122,6 +131,8 @@ def peer_argv(args: argparse.Namespace, index: int, gpus: list[str]) -> list[str
             argv += [flag, str(value)]
     if args.port:
         argv += ["--port", str(args.port + index)]
+    if args.direct_port:
+        argv += ["--direct-port", str(args.direct_port + index)]
     if args.announce_maddrs:
         argv += ["--announce-maddrs", *(_shift_port(m, index) for m in args.announce_maddrs)]
     if args.use_auto_relay:

@@ -17,6 +17,7 @@ import asyncio
 import logging
 
 from swarm.chain import ForwardFailed, plan_forward
+from swarm.direct import DirectClient
 from swarm.protocol import ProtocolError
 from swarm.rpc import BlockService, call_step
 
@@ -26,8 +27,9 @@ logger = logging.getLogger(__name__)
 class Forwarder:
     """Sends pushed steps on over this peer's libp2p stack (`p2p`: the DHT's `replicate_p2p()`)."""
 
-    def __init__(self, p2p):
+    def __init__(self, p2p, direct: DirectClient | None = None):
         self.p2p = p2p
+        self.direct = direct  # direct TCP connections to the next peers, where allowed (swarm.direct)
         self.forwarded = 0  # pushed steps whose next peer replied (rpc_info: "forwarded")
         self.failed = 0  # pushed steps whose next peer could not be reached or was too slow
 
@@ -45,7 +47,9 @@ class Forwarder:
         except ValueError as exc:
             return plan.reply(failure=ProtocolError(f"next[0].peer {plan.peer!r:.140} is not a base58 peer id: {exc}"))
         try:
-            then = await asyncio.wait_for(call_step(BlockService.get_stub(self.p2p, peer), plan.request), plan.timeout)
+            then = await asyncio.wait_for(
+                call_step(BlockService.get_stub(self.p2p, peer), plan.request, self.direct, plan.peer), plan.timeout
+            )
         except asyncio.CancelledError:
             raise  # our own caller gave up (the client's wait ended): nobody to reply to
         except Exception as exc:  # noqa: BLE001 - every failure of the call means the same to the client

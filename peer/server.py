@@ -32,6 +32,7 @@ from swarm.assignment import make_plan
 from swarm.protocol import RequestRefused, error_to_wire
 from swarm.records import PeerRecord, model_key
 from swarm.registry import announce_peer, get_peers, local_peer_id, make_dht, read_control
+from swarm.direct import DirectClient, DirectServer
 from swarm.rpc import BlockService
 from swarm.splitting import load_config, read_config_json
 from swarm.wire import encode_message
@@ -63,6 +64,9 @@ class PeerConfig:
     num_threads: int | None = None  # torch CPU threads; None: torch's default (all cores)
     use_auto_relay: bool = False  # behind NAT: be reachable through relay nodes
     throughput_cache_dir: str | None = None  # where measured throughput is cached; None: ~/.cache/swarm
+    direct: str = "private"  # direct TCP connections (swarm.direct): accept them, and forward over them to peers at
+    # loopback/private addresses; "always": to any address (unencrypted), "never": libp2p only, no listener
+    direct_port: int = 0  # TCP port of the direct listener (on `host`); 0: any free port
     batch_wait_ms: float = 50.0  # a step may wait this long (and at most one batch's time) for other active sessions' steps
     limits: RunnerLimits = field(default_factory=RunnerLimits)
 
@@ -86,6 +90,7 @@ class PeerServer:
         )
         self.forwarder: Forwarder | None = None  # sends pushed steps on to the next peer (set once the P2P is up)
         self._stopping: asyncio.Event | None = None
+        self._service: BlockService | None = None
 
     # ---- backend for swarm.rpc.BlockService ----------------------------------------------------------
 
@@ -136,6 +141,8 @@ class PeerServer:
             "merged_rows": runner.merged_rows if runner else 0,
             "forwarded": self.forwarder.forwarded if self.forwarder else 0,
             "forward_failures": self.forwarder.failed if self.forwarder else 0,
+            "direct_port": self._service.direct.port if self._service and self._service.direct else None,
+            "direct_steps": self._service.direct.steps if self._service and self._service.direct else 0,
             "version": __version__,
         }
 
@@ -237,11 +244,15 @@ class PeerServer:
             identity_path=cfg.identity_path,
             use_auto_relay=cfg.use_auto_relay,
         )
+        service = None
         try:
             self.peer_id = local_peer_id(self.dht)
             p2p = await self.dht.replicate_p2p()
-            self.forwarder = Forwarder(p2p)
-            service = BlockService(backend=self)
+            service = self._service = BlockService(backend=self)
+            self.forwarder = Forwarder(p2p, DirectClient(policy=cfg.direct) if cfg.direct != "never" else None)
+            if cfg.direct != "never":
+                service.direct = DirectServer(service, cfg.host, cfg.direct_port, hosts=self._direct_hosts())
+                await service.direct.start()
             await service.add_p2p_handlers(p2p)
             if cfg.blocks is not None:
                 await asyncio.to_thread(self._serve_range, *cfg.blocks)
@@ -290,7 +301,23 @@ class PeerServer:
                 logger.info("could not announce leaving cleanly: %r", exc)
         finally:
             self._compute.stop()
+            if self.forwarder is not None and self.forwarder.direct is not None:
+                self.forwarder.direct.close()
+            if service is not None and service.direct is not None:
+                await service.direct.close()
             self.dht.shutdown()
+
+    def _direct_hosts(self) -> list[str]:
+        """Where callers should open direct connections: the listen host, or, listening on every interface,
+        the IPv4 addresses libp2p announces."""
+        if self.config.host not in ("0.0.0.0", "::", ""):
+            return [self.config.host]
+        hosts = []
+        for maddr in self.dht.get_visible_maddrs():
+            parts = str(maddr).split("/")
+            if len(parts) > 2 and parts[1] == "ip4" and parts[2] not in hosts:
+                hosts.append(parts[2])
+        return hosts
 
     async def _sleep(self, seconds: float) -> None:
         try:

@@ -29,6 +29,8 @@ from swarm.records import PeerRecord, model_key
 from swarm.remote import bind_session
 from swarm.router import PeerUnreachable, ReplyLost, RetryPolicy, SwarmRouter
 from swarm.routing import Span
+from swarm.direct import POLICIES as DIRECT_POLICIES
+from swarm.direct import DirectClient
 from swarm.rpc import BlockService, EmptyStream, call_step
 from swarm.splitting import read_config_json
 
@@ -53,9 +55,13 @@ class ClientConfig:
     microbatches: int | None = None  # stateless batches cut into this many in-flight parts; None: automatic, 1: off
     wire_dtype: str | None = None  # "bfloat16"/"float16": hidden states travel at this lower precision; None: exact
     push: bool = True  # session steps go to the first peer only, which forwards along the route (one round trip per step)
+    direct: str = "private"  # steps over direct TCP connections (swarm.direct) to peers at loopback/private addresses;
+    # "always": to any address (unencrypted!), "never": libp2p only
 
     def __post_init__(self) -> None:
         wire_dtype(self.wire_dtype)  # a wrong name fails here, not at the first step
+        if self.direct not in DIRECT_POLICIES:
+            raise ValueError(f"direct must be one of {', '.join(DIRECT_POLICIES)}, got {self.direct!r}")
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
@@ -82,6 +88,7 @@ class P2PTransport:
 
     def __init__(self, p2p, loop: BackgroundLoop, config: ClientConfig):
         self.p2p, self.loop, self.config = p2p, loop, config
+        self.direct = DirectClient(policy=config.direct)  # used on the loop's thread only
 
     def _stub(self, peer_id: str):
         from hivemind.p2p import PeerID
@@ -92,7 +99,7 @@ class P2PTransport:
         """One step request; `timeout` (a pushed step: the whole chain's) replaces `ClientConfig.step_timeout`."""
         timeout = timeout or self.config.step_timeout
         try:
-            return self.loop.run(call_step(self._stub(peer_id), request), timeout=timeout)
+            return self.loop.run(call_step(self._stub(peer_id), request, self.direct, peer_id), timeout=timeout)
         except TimeoutError as exc:
             raise PeerUnreachable(f"peer {peer_id} did not answer within {timeout:.1f} s") from exc
         except EmptyStream as exc:
@@ -160,6 +167,7 @@ class SwarmConnection:
         self._closed = True
         atexit.unregister(self.close)
         try:
+            self.loop.loop.call_soon_threadsafe(self.transport.direct.close)
             self.loop.run(self.p2p.shutdown(), timeout=5)
         except Exception as exc:  # noqa: BLE001 - closing is best effort
             logger.debug("p2p shutdown: %s", exc)

@@ -7,6 +7,8 @@ a *backend* object the peer supplies, so `swarm` never imports `peer`.
 
 Calls:
 - ``rpc_step`` (stream in, stream out): run blocks on one hidden state, in a session or stateless.
+- ``rpc_step_unary`` (unary): the same for a step that fits one message each way.
+- ``rpc_direct`` (unary): a ticket for a direct TCP connection, which then carries steps (`swarm.direct`).
 - ``rpc_close`` (unary): close a session.
 - ``rpc_info`` (unary): what the peer serves (msgpack map).
 """
@@ -128,12 +130,18 @@ async def read_reply(stream: AsyncIterator, limit: int = MAX_MESSAGE_BYTES) -> b
             await aclose()
 
 
-async def call_step(stub, request: bytes) -> bytes:
+async def call_step(stub, request: bytes, direct=None, peer_id: str | None = None) -> bytes:
     """Send one step request to the peer behind `stub` and return its reply (clients, and peers forwarding a
-    pushed step). A request that fits goes in one unary message; one that does not, or whose reply would
-    not (the peer answers empty), goes over a stream: a session step is numbered, so the repeat is
-    answered from the reply the peer kept, not run twice."""
+    pushed step). With `direct` (a `swarm.direct.DirectClient`) and a direct path to `peer_id`, it goes
+    over that TCP connection. Otherwise over libp2p: a request that fits goes in one unary message; one
+    that does not, or whose reply would not (the peer answers empty), goes over a stream: a session step
+    is numbered, so the repeat is answered from the reply the peer kept, not run twice."""
     from hivemind.utils.asyncio import iter_as_aiter
+
+    if direct is not None and peer_id is not None:
+        reply = await direct.step(stub, peer_id, request)
+        if reply is not None:
+            return reply
 
     if len(request) <= UNARY_MAX_BYTES:  # the common decode step: one message each way
         reply = await stub.rpc_step_unary(runtime_pb2.ExpertRequest(metadata=request))
@@ -147,6 +155,15 @@ async def _drain(stream: AsyncIterator) -> None:
     """Read and drop the rest of a stream (so the sender's end-of-stream write does not break)."""
     async for _ in stream:
         pass
+
+
+class _Reservation:
+    def __init__(self, service: "BlockService", total: int):
+        self.service, self.total = service, total
+
+    def release(self) -> None:
+        self.service._inflight_bytes -= self.total
+        self.total = 0
 
 
 class BlockService(ServicerBase):
@@ -169,6 +186,7 @@ class BlockService(ServicerBase):
         self._inflight_bytes = 0
         self._inflight_steps = 0
         self._per_client: dict[str, int] = {}
+        self.direct = None  # a swarm.direct.DirectServer when the peer accepts direct connections
 
     @contextlib.asynccontextmanager
     async def _admitted(self, client: str):
@@ -191,19 +209,32 @@ class BlockService(ServicerBase):
             else:
                 del self._per_client[client]
 
-    @contextlib.asynccontextmanager
-    async def _reserved(self, total: int):
-        """Reserve `total` bytes of the in-flight budget for one request."""
+    def reserve(self, total: int) -> "_Reservation":
+        """Reserve `total` bytes of the in-flight budget for one request; `release()` gives them back."""
         if self._inflight_bytes + total > self.limits.max_inflight_bytes:
             raise PeerBusy(
                 f"peer busy: {self._inflight_bytes} bytes of requests in flight, {total} more would exceed "
                 f"{self.limits.max_inflight_bytes}"
             )
         self._inflight_bytes += total
+        return _Reservation(self, total)
+
+    @contextlib.asynccontextmanager
+    async def _reserved(self, total: int):
+        reservation = self.reserve(total)
         try:
             yield
         finally:
-            self._inflight_bytes -= total
+            reservation.release()
+
+    async def admitted_step(self, data: bytes, client: str) -> bytes:
+        """`data` run by the backend for `client` within the in-flight limits, or the error reply that says why not
+        (direct connections' steps come here too: `swarm.direct`)."""
+        try:
+            async with self._admitted(client):
+                return await self.backend.step(data, client)
+        except RequestRefused as exc:
+            return encode_message(error_to_wire(exc))
 
     async def rpc_step_unary(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """A small step in one message each way: ~0.8 ms round trip on loopback against ~3 ms for a stream.
@@ -260,6 +291,12 @@ class BlockService(ServicerBase):
         # stream reset before the client's p2p daemon has passed the reply on (go-yamux drops unread data on
         # a reset): under load, about one reply in a thousand was lost that way.
         await asyncio.sleep(limits.linger_s)
+
+    async def rpc_direct(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Where and how to open a direct TCP connection to this peer (`swarm.direct`); empty if it offers none."""
+        if self.direct is None:
+            return runtime_pb2.ExpertResponse()
+        return runtime_pb2.ExpertResponse(metadata=msgpack.packb(self.direct.issue(context.remote_id.to_base58())))
 
     async def rpc_close(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         closed = await self.backend.close_session(request.uid[:128], context.remote_id.to_base58())

@@ -1,0 +1,339 @@
+"""Direct TCP connections for step requests, next to libp2p, on networks the user trusts (loopback, LAN).
+
+Why: a step over hivemind's libp2p crosses four processes (caller -> its p2p daemon -> the peer's
+daemon -> the peer) and costs ~0.8 ms per round trip on an idle loopback, 1-1.5 ms under load;
+a plain TCP connection between the two Python processes costs ~0.1 ms (docs/performance.md). A
+pushed step makes two crossings per hop, so this is most of a hop's cost.
+
+What stays on libp2p: the DHT, peer identity, `rpc_info`, closing sessions, and every step to a peer
+whose direct address is not allowed or not reachable. The direct connection is opened through an
+authenticated libp2p call: `rpc_direct` hands the caller a one-time ticket and a secret key, bound to
+the caller's libp2p peer id. On the TCP connection the caller sends the ticket and a nonce, and the
+peer proves it holds the key by answering HMAC(key, nonce); from then on every step on that
+connection runs as that caller's (sessions stay bound to their owner, exactly as over libp2p).
+
+What it does not give: encryption. Hidden states travel in the clear, so callers use direct
+connections only to loopback and private addresses by default (`ClientConfig.direct`), and peers
+listen on the same interface as their libp2p host (docs/decisions.md).
+
+Frames, both ways: a 9-byte header (payload length u32, kind u8, request id u32, little-endian),
+then the payload. Requests on one connection are answered as they finish, matched by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import msgpack
+
+from swarm.protocol import RequestRefused, error_to_wire
+from swarm.wire import encode_message
+
+logger = logging.getLogger(__name__)
+
+FRAME = struct.Struct("<IBI")  # payload length, kind, request id
+HELLO, WELCOME, STEP, REPLY, REFUSED = 1, 2, 3, 4, 5
+TICKET_BYTES, NONCE_BYTES, KEY_BYTES = 16, 16, 32
+POLICIES = ("private", "always", "never")
+
+
+class DirectRefused(ConnectionError):
+    """The peer closed the direct connection and said why (a bad ticket, a malformed frame, ...)."""
+
+
+def welcome_mac(key: bytes, nonce: bytes) -> bytes:
+    return hmac.new(key, b"swarm-direct/1" + nonce, hashlib.sha256).digest()
+
+
+def allowed(host: str, policy: str) -> bool:
+    """May a caller with `policy` send steps in the clear to `host`? "private": loopback and private ranges only."""
+    if policy == "never":
+        return False
+    if policy == "always":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: where it resolves to is not ours to judge
+    return address.is_loopback or address.is_private or address.is_link_local
+
+
+def frame(kind: int, request_id: int, payload: bytes = b"") -> bytes:
+    return FRAME.pack(len(payload), kind, request_id) + payload
+
+
+# ---- the peer's side ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Ticket:
+    owner: str
+    key: bytes
+    expires: float
+
+
+class DirectServer:
+    """A peer's TCP listener. `service` is its `swarm.rpc.BlockService`: the same backend and the same
+    limits (requests in flight per client and overall, bytes in flight, receive and send timeouts)."""
+
+    def __init__(self, service, host: str, port: int = 0, hosts: list[str] | None = None,
+                 ticket_ttl_s: float = 30.0, hello_timeout_s: float = 5.0, max_tickets: int = 4096,
+                 clock: Callable[[], float] = time.monotonic):
+        self.service = service
+        self.host, self.port = host, port
+        self.hosts = hosts or [host]  # where callers should connect (the listen host unless it is 0.0.0.0)
+        self.ticket_ttl_s, self.hello_timeout_s, self.max_tickets = ticket_ttl_s, hello_timeout_s, max_tickets
+        self.clock = clock
+        self.steps = 0  # steps answered over direct connections (rpc_info: "direct_steps")
+        self.connections = 0  # connections open now
+        self._tickets: dict[bytes, _Ticket] = {}
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - leaving anyway
+                pass
+
+    def issue(self, owner: str) -> dict:
+        """`rpc_direct`'s answer to `owner` (its libp2p-authenticated peer id): where to connect, a one-time
+        ticket and the key the peer will prove it holds."""
+        now = self.clock()
+        if len(self._tickets) >= self.max_tickets:
+            self._tickets = {t: v for t, v in self._tickets.items() if v.expires > now}
+            if len(self._tickets) >= self.max_tickets:
+                raise RequestRefused(f"too many direct-connection tickets outstanding ({self.max_tickets})")
+        ticket, key = os.urandom(TICKET_BYTES), os.urandom(KEY_BYTES)
+        self._tickets[ticket] = _Ticket(owner, key, now + self.ticket_ttl_s)
+        return {"hosts": self.hosts, "port": self.port, "ticket": ticket, "key": key}
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        tasks: set[asyncio.Task] = set()
+        try:
+            owner = await self._hello(reader, writer)
+            if owner is not None:
+                await self._serve(owner, reader, writer, tasks)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+            pass  # the caller went away or stalled: nothing to answer
+        except Exception:  # noqa: BLE001 - one connection's bug must not reach the listener
+            logger.exception("direct connection failed")
+        finally:
+            self.connections -= 1
+            for task in tasks:
+                task.cancel()
+            writer.close()
+
+    async def _hello(self, reader, writer) -> str | None:
+        length, kind, _ = FRAME.unpack(await asyncio.wait_for(reader.readexactly(FRAME.size), self.hello_timeout_s))
+        if kind != HELLO or length != TICKET_BYTES + NONCE_BYTES:
+            return await self._refuse(writer, 0, "the first frame must be a hello with a ticket and a nonce")
+        payload = await asyncio.wait_for(reader.readexactly(length), self.hello_timeout_s)
+        ticket = self._tickets.pop(payload[:TICKET_BYTES], None)  # one use only
+        if ticket is None or ticket.expires < self.clock():
+            return await self._refuse(writer, 0, "unknown or expired ticket: ask for one with rpc_direct")
+        writer.write(frame(WELCOME, 0, welcome_mac(ticket.key, payload[TICKET_BYTES:])))
+        await writer.drain()
+        return ticket.owner
+
+    async def _refuse(self, writer, request_id: int, why: str) -> None:
+        writer.write(frame(REFUSED, request_id, why.encode()))
+        try:
+            await asyncio.wait_for(writer.drain(), 1)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        return None
+
+    async def _serve(self, owner: str, reader, writer, tasks: set) -> None:
+        limits = self.service.limits
+        while True:
+            length, kind, request_id = FRAME.unpack(await reader.readexactly(FRAME.size))
+            if kind != STEP:
+                return await self._refuse(writer, request_id, f"unexpected frame kind {kind}")
+            if length > limits.max_message_bytes:
+                return await self._refuse(
+                    writer, request_id, f"message of {length} bytes exceeds the limit of {limits.max_message_bytes} bytes"
+                )
+            try:
+                reservation = self.service.reserve(length)
+            except RequestRefused as exc:  # read and drop the body, answer why; the connection stays usable
+                await asyncio.wait_for(reader.readexactly(length), limits.receive_timeout_s)
+                writer.write(frame(REPLY, request_id, encode_message(error_to_wire(exc))))
+                continue
+            try:
+                data = await asyncio.wait_for(reader.readexactly(length), limits.receive_timeout_s)
+            except BaseException:
+                reservation.release()
+                raise
+            task = asyncio.create_task(self._step(owner, request_id, data, reservation, writer))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    async def _step(self, owner: str, request_id: int, data: bytes, reservation, writer) -> None:
+        try:
+            reply = await self.service.admitted_step(data, owner)
+        finally:
+            reservation.release()
+        self.steps += 1
+        writer.write(frame(REPLY, request_id, reply))
+        try:
+            await asyncio.wait_for(writer.drain(), self.service.limits.send_timeout_s)
+        except (asyncio.TimeoutError, ConnectionError):
+            writer.close()  # a caller that does not read: drop it
+
+
+# ---- the caller's side ------------------------------------------------------------------------------
+
+
+class _Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_reply_bytes: int):
+        self.reader, self.writer = reader, writer
+        self.pending: dict[int, asyncio.Future] = {}
+        self.next_id = 1
+        self.closed = False
+        self.max_reply_bytes = max_reply_bytes
+        self._reader_task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        error: BaseException = ConnectionError("the peer closed the direct connection")
+        try:
+            while True:
+                length, kind, request_id = FRAME.unpack(await self.reader.readexactly(FRAME.size))
+                if length > self.max_reply_bytes:
+                    error = ConnectionError(f"reply of {length} bytes exceeds the limit of {self.max_reply_bytes}")
+                    break
+                payload = await self.reader.readexactly(length)
+                if kind == REFUSED:
+                    error = DirectRefused(f"the peer refused: {payload.decode(errors='replace')[:300]}")
+                    break
+                future = self.pending.pop(request_id, None)
+                if kind == REPLY and future is not None and not future.done():
+                    future.set_result(payload)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            error = ConnectionError(f"direct connection lost: {type(exc).__name__}: {exc}")
+        except asyncio.CancelledError:
+            error = ConnectionError("direct connection closed")
+        finally:
+            self.close(error)
+
+    def close(self, error: BaseException | None = None) -> None:
+        self.closed = True
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(error or ConnectionError("direct connection closed"))
+        self.pending.clear()
+        self.writer.close()
+        if self._reader_task is not asyncio.current_task():
+            self._reader_task.cancel()
+
+    async def call(self, data: bytes) -> bytes:
+        request_id = self.next_id
+        self.next_id = (self.next_id % 0xFFFFFFFF) + 1
+        future = asyncio.get_running_loop().create_future()
+        self.pending[request_id] = future
+        try:
+            self.writer.write(frame(STEP, request_id, data))
+            return await future
+        finally:
+            self.pending.pop(request_id, None)
+
+
+@dataclass
+class DirectClient:
+    """Steps to peers over direct connections where allowed and reachable, one connection per peer, opened
+    on first use (ticket over libp2p, then TCP). `step` returns None when there is no direct path (the
+    peer offers none, the policy forbids its address, or the connection cannot be opened); the caller
+    then uses libp2p. A peer without a direct path is asked again after `retry_s`."""
+
+    policy: str = "private"
+    connect_timeout_s: float = 2.0
+    retry_s: float = 60.0
+    max_reply_bytes: int = 1024**3
+    steps: int = 0  # steps that went over a direct connection
+    _conns: dict = field(default_factory=dict)  # peer id -> _Connection
+    _no_path_until: dict = field(default_factory=dict)  # peer id -> monotonic time
+    _opening: dict = field(default_factory=dict)  # peer id -> asyncio.Lock
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"direct policy must be one of {POLICIES}, got {self.policy!r}")
+
+    async def step(self, stub, peer_id: str, request: bytes) -> bytes | None:
+        if self.policy == "never":
+            return None
+        conn = self._conns.get(peer_id)
+        if conn is None or conn.closed:
+            if self._no_path_until.get(peer_id, 0.0) > time.monotonic():
+                return None
+            lock = self._opening.setdefault(peer_id, asyncio.Lock())
+            async with lock:
+                conn = self._conns.get(peer_id)
+                if conn is None or conn.closed:
+                    conn = await self._open(stub, peer_id)
+            if conn is None:
+                return None
+        reply = await conn.call(request)
+        self.steps += 1
+        return reply
+
+    async def _open(self, stub, peer_id: str) -> _Connection | None:
+        from hivemind.proto import runtime_pb2
+
+        try:
+            answer = await asyncio.wait_for(stub.rpc_direct(runtime_pb2.ExpertRequest()), self.connect_timeout_s)
+            offer = msgpack.unpackb(answer.metadata, raw=False) if answer.metadata else None
+        except Exception as exc:  # noqa: BLE001 - an older peer, or libp2p trouble: the step goes over libp2p
+            logger.debug("no direct path to %s: %r", peer_id, exc)
+            offer = None
+        conn = None
+        if offer:
+            for host in offer.get("hosts", [])[:4]:
+                if not allowed(str(host), self.policy):
+                    continue
+                conn = await self._connect(str(host), int(offer["port"]), offer["ticket"], offer["key"], peer_id)
+                if conn is not None:
+                    break
+        if conn is None:
+            self._no_path_until[peer_id] = time.monotonic() + self.retry_s
+            return None
+        self._conns[peer_id] = conn
+        return conn
+
+    async def _connect(self, host: str, port: int, ticket: bytes, key: bytes, peer_id: str) -> _Connection | None:
+        nonce = os.urandom(NONCE_BYTES)
+        writer = None
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.connect_timeout_s)
+            writer.write(frame(HELLO, 0, ticket + nonce))
+            header = await asyncio.wait_for(reader.readexactly(FRAME.size), self.connect_timeout_s)
+            length, kind, _ = FRAME.unpack(header)
+            payload = await asyncio.wait_for(reader.readexactly(min(length, 4096)), self.connect_timeout_s)
+            if kind != WELCOME or not hmac.compare_digest(payload, welcome_mac(key, nonce)):
+                raise DirectRefused(payload.decode(errors="replace")[:300] if kind == REFUSED else "bad welcome")
+        except Exception as exc:  # noqa: BLE001 - unreachable, refused, or not the peer: use libp2p
+            logger.info("direct connection to %s at %s:%s failed (%r); using libp2p", peer_id, host, port, exc)
+            if writer is not None:
+                writer.close()
+            return None
+        return _Connection(reader, writer, self.max_reply_bytes)
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
