@@ -97,6 +97,7 @@ class DirectServer:
         self.connections = 0  # connections open now
         self._tickets: dict[bytes, _Ticket] = {}
         self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
@@ -104,6 +105,9 @@ class DirectServer:
         return self.port
 
     async def close(self) -> None:
+        """Stop listening and drop open connections (their callers' requests fail at once, not at a timeout)."""
+        for writer in list(self._writers):
+            writer.close()
         if self._server is not None:
             self._server.close()
             try:
@@ -125,6 +129,7 @@ class DirectServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self._writers.add(writer)
         tasks: set[asyncio.Task] = set()
         try:
             owner = await self._hello(reader, writer)
@@ -136,6 +141,7 @@ class DirectServer:
             logger.exception("direct connection failed")
         finally:
             self.connections -= 1
+            self._writers.discard(writer)
             for task in tasks:
                 task.cancel()
             writer.close()
