@@ -116,9 +116,33 @@ def main() -> None:
     print(f"{'model':<8}{'setup':<24}{'TTFT ms':>10}{'TPOT ms':>10}{'TTFT x':>9}{'TPOT x':>9}")
     for name, setup, ttft, tpot, r1, r2 in rows:
         print(f"{name:<8}{setup:<24}{ttft * 1e3:>10.1f}{tpot * 1e3:>10.2f}{r1:>9.2f}{r2:>9.2f}")
+    hops = extra_hop(rows, args.peers)
+    for (name, mode), ms in hops.items():
+        print(f"extra hop, {name}{mode}: {ms:+.2f} ms per token (least-squares slope of TPOT over {args.peers} peers; "
+              "the blocks and their compute are the same in every row)")
     print(json.dumps({"benchmark": "generate", "rows": [
         {"model": n, "setup": s, "ttft_ms": round(a * 1e3, 2), "tpot_ms": round(b * 1e3, 3),
-         "ttft_ratio": round(c, 3), "tpot_ratio": round(d, 3)} for n, s, a, b, c, d in rows]}))
+         "ttft_ratio": round(c, 3), "tpot_ratio": round(d, 3)} for n, s, a, b, c, d in rows],
+        "extra_hop_ms": {f"{n}{m}": round(v, 3) for (n, m), v in hops.items()}}))
+
+
+def extra_hop(rows, peer_counts: list[int]) -> dict[tuple[str, str], float]:
+    """Per model (and push mode): the slope of TPOT (ms) over the number of peers, by least squares."""
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for name, setup, _, tpot, _, _ in rows:
+        if not setup.startswith("swarm "):
+            continue
+        k = int(setup.split()[1])
+        mode = setup.split("peer", 1)[1].lstrip("s")  # "", " push" or " no push"
+        series.setdefault((name, mode), []).append((k, tpot * 1e3))
+    slopes = {}
+    for key, points in series.items():
+        if len({k for k, _ in points}) < 2:
+            continue
+        mean_k = sum(k for k, _ in points) / len(points)
+        mean_t = sum(t for _, t in points) / len(points)
+        slopes[key] = sum((k - mean_k) * (t - mean_t) for k, t in points) / sum((k - mean_k) ** 2 for k, _ in points)
+    return slopes
 
 
 if __name__ == "__main__":
