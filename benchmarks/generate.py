@@ -6,7 +6,10 @@ client is in this process. Greedy decoding, 16-token prompt, batch 1, fp32, seed
 
 - TTFT: `generate(max_new_tokens=1)` wall time (session opening, prefill, first token).
 - TPOT: (time of `generate(max_new_tokens=N)` - TTFT) / (N - 1).
-Medians of --runs runs (default 5) after one warm-up. Ratios are swarm / local. The local run and
+Medians of --runs rounds (default 5) after one warm-up. In each round the local model and the swarm
+clients run one after the other (order rotating), and the ratios are medians of the per-round ratios
+swarm / local: the machine's speed drifts, and pairing cancels that. The "local" row is the median of
+all its rounds (it runs in every peer count's rounds). The local run and
 every peer use the same number of torch threads (--threads, default 1): on a 2-core machine shared by
 several peer processes, that is the fair comparison of the work each process does.
 
@@ -58,13 +61,32 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def measure(model, prompt: torch.Tensor, new_tokens: int, runs: int) -> tuple[float, float]:
+def measure_rounds(models: dict[str, object], prompt: torch.Tensor, new_tokens: int, runs: int) -> dict[str, list]:
+    """`runs` rounds; in each, every model runs TTFT then a full generation, one model after the other (the
+    order rotates). Returns label -> [(ttft, tpot) per round]: a round's samples were taken within a second
+    or two of each other, so ratios between them cancel the machine's slow drifts (this shared 2-core
+    machine's speed wanders by tens of percent over minutes)."""
     gen = dict(do_sample=False, pad_token_id=0)
-    model.generate(prompt, max_new_tokens=new_tokens, **gen)  # warm-up
-    ttft = [timed(lambda: model.generate(prompt, max_new_tokens=1, **gen)) for _ in range(runs)]
-    full = [timed(lambda: model.generate(prompt, max_new_tokens=new_tokens, **gen)) for _ in range(runs)]
-    ttft_med = statistics.median(ttft)
-    return ttft_med, (statistics.median(full) - ttft_med) / (new_tokens - 1)
+    for model in models.values():
+        model.generate(prompt, max_new_tokens=new_tokens, **gen)  # warm-up
+    samples: dict[str, list] = {label: [] for label in models}
+    labels = list(models)
+    for r in range(runs):
+        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            model = models[label]
+            ttft = timed(lambda: model.generate(prompt, max_new_tokens=1, **gen))
+            full = timed(lambda: model.generate(prompt, max_new_tokens=new_tokens, **gen))
+            samples[label].append((ttft, (full - ttft) / (new_tokens - 1)))
+    return samples
+
+
+def paired(samples: dict[str, list], label: str, base: str = "local") -> tuple[float, float, float, float]:
+    """Medians of `label`'s TTFT and TPOT, and medians of its per-round ratios to `base`'s."""
+    mine, ref = samples[label], samples[base]
+    return (
+        statistics.median(t for t, _ in mine), statistics.median(p for _, p in mine),
+        statistics.median(a[0] / b[0] for a, b in zip(mine, ref)), statistics.median(a[1] / b[1] for a, b in zip(mine, ref)),
+    )
 
 
 def even_ranges(num_blocks: int, parts: int) -> list[str]:
@@ -96,8 +118,7 @@ def main() -> None:
         for name in args.models:
             path = build(name, Path(tmp))
             local = AutoModelForCausalLM.from_pretrained(path).eval()
-            l_ttft, l_tpot = measure(local, prompt, args.new_tokens, args.runs)
-            rows.append((name, "local", l_ttft, l_tpot, 1.0, 1.0))
+            local_samples = []
             layers = MODELS[name]["num_hidden_layers"]
             for k in args.peers:
                 with SwarmProcesses() as procs:
@@ -106,13 +127,20 @@ def main() -> None:
                                 for r in even_ranges(layers, k)]
                     for proc in launched:
                         procs.wait_ready(proc)
+                    models = {"local": local}
                     for push in modes:
-                        model = AutoDistributedModelForCausalLM.from_pretrained(
-                            path, initial_peers=[dht], client_config=ClientConfig(push=push))
-                        ttft, tpot = measure(model, prompt, args.new_tokens, args.runs)
-                        model.swarm_connection.close()
                         setup = f"swarm {k} peer{'s' * (k > 1)}" + ("" if len(modes) == 1 else " push" if push else " no push")
-                        rows.append((name, setup, ttft, tpot, ttft / l_ttft, tpot / l_tpot))
+                        models[setup] = AutoDistributedModelForCausalLM.from_pretrained(
+                            path, initial_peers=[dht], client_config=ClientConfig(push=push))
+                    samples = measure_rounds(models, prompt, args.new_tokens, args.runs)
+                    for setup, model in models.items():
+                        if setup != "local":
+                            model.swarm_connection.close()
+                            rows.append((name, setup, *paired(samples, setup)))
+                    local_samples += samples["local"]
+            rows.insert(len(rows) - len(args.peers) * len(modes), (
+                name, "local", statistics.median(t for t, _ in local_samples),
+                statistics.median(p for _, p in local_samples), 1.0, 1.0))
     print(f"{'model':<8}{'setup':<24}{'TTFT ms':>10}{'TPOT ms':>10}{'TTFT x':>9}{'TPOT x':>9}")
     for name, setup, ttft, tpot, r1, r2 in rows:
         print(f"{name:<8}{setup:<24}{ttft * 1e3:>10.1f}{tpot * 1e3:>10.2f}{r1:>9.2f}{r2:>9.2f}")
@@ -127,14 +155,16 @@ def main() -> None:
 
 
 def extra_hop(rows, peer_counts: list[int]) -> dict[tuple[str, str], float]:
-    """Per model (and push mode): the slope of TPOT (ms) over the number of peers, by least squares."""
+    """Per model (and push mode): the slope over the number of peers of TPOT (ms), by least squares. Each
+    row's TPOT is taken as its paired ratio x the local TPOT, so the drift between rounds cancels here too."""
+    local = {name: tpot for name, setup, _, tpot, _, _ in rows if setup == "local"}
     series: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for name, setup, _, tpot, _, _ in rows:
+    for name, setup, _, _, _, ratio in rows:
         if not setup.startswith("swarm "):
             continue
         k = int(setup.split()[1])
         mode = setup.split("peer", 1)[1].lstrip("s")  # "", " push" or " no push"
-        series.setdefault((name, mode), []).append((k, tpot * 1e3))
+        series.setdefault((name, mode), []).append((k, ratio * local[name] * 1e3))
     slopes = {}
     for key, points in series.items():
         if len({k for k, _ in points}) < 2:
