@@ -3,7 +3,9 @@
 Peers are real `swarm run-peer` processes on 127.0.0.1 serving the medium Llama (hidden 1024,
 12 layers, fp32) as 0:6 and 6:12. Every process gets the same number of torch threads (--threads,
 default 1) so the comparison is fair on a small machine. Throughput = tokens / wall time of one
-forward (no KV cache), median of --runs runs after a warm-up.
+forward (no KV cache), median of --runs rounds after a warm-up; in each round local, sequential and
+pipelined run one after the other, and the speed-up is the median of the per-round ratios (the
+machine's speed drifts over minutes; pairing cancels that).
 
 The base model is measured (hidden states out, as an encoder or embedding job would use it): the
 LM head runs on the client after every block, for the whole batch, in any case; with a 32000-token
@@ -29,15 +31,20 @@ from benchmarks.generate import MODELS, build  # noqa: E402
 from tests.processes import SwarmProcesses  # noqa: E402
 
 
-def tokens_per_s(model, ids, runs: int) -> float:
+def rounds(models: dict[str, object], ids, runs: int) -> dict[str, list[float]]:
+    """Seconds per forward, `runs` rounds; in each, every model runs once, one after the other (order rotating),
+    so that ratios within a round cancel the machine's slow speed drifts."""
+    labels = list(models)
+    times: dict[str, list[float]] = {label: [] for label in labels}
     with torch.no_grad():
-        model(ids, use_cache=False)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            model(ids, use_cache=False)
-            times.append(time.perf_counter() - t0)
-    return ids.numel() / statistics.median(times)
+        for model in models.values():
+            model(ids, use_cache=False)  # warm-up
+        for r in range(runs):
+            for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+                t0 = time.perf_counter()
+                models[label](ids, use_cache=False)
+                times[label].append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
@@ -59,7 +66,7 @@ def main() -> None:
     layers = MODELS[args.model]["num_hidden_layers"]
     with tempfile.TemporaryDirectory() as tmp:
         path = build(args.model, Path(tmp))
-        local = tokens_per_s(AutoModel.from_pretrained(path).eval(), ids, args.runs)
+        models = {"local": AutoModel.from_pretrained(path).eval()}
         with SwarmProcesses() as procs:
             dht = procs.start_dht()
             half = layers // 2
@@ -67,13 +74,15 @@ def main() -> None:
                         for r in (f"0:{half}", f"{half}:{layers}")]
             for proc in launched:
                 procs.wait_ready(proc)
-            results = {}
             for name, parts in (("sequential", 1), ("pipelined", args.parts)):
-                model = AutoDistributedModel.from_pretrained(
+                models[name] = AutoDistributedModel.from_pretrained(
                     path, initial_peers=[dht], client_config=ClientConfig(microbatches=parts))
-                results[name] = tokens_per_s(model, ids, args.runs)
-                model.swarm_connection.close()
-    speedup = results["pipelined"] / results["sequential"]
+            times = rounds(models, ids, args.runs)
+            for name in ("sequential", "pipelined"):
+                models[name].swarm_connection.close()
+    local = ids.numel() / statistics.median(times["local"])
+    results = {name: ids.numel() / statistics.median(times[name]) for name in ("sequential", "pipelined")}
+    speedup = statistics.median(s / p for s, p in zip(times["sequential"], times["pipelined"]))
     print(f"forward {args.batch}x{args.seq}, {args.model}, 2 peers, {args.threads} torch thread(s) per process")
     print(f"  local       {local:10.0f} tokens/s")
     print(f"  sequential  {results['sequential']:10.0f} tokens/s  ({results['sequential'] / local:.2f}x local)")
