@@ -87,11 +87,12 @@ class DirectServer:
 
     def __init__(self, service, host: str, port: int = 0, hosts: list[str] | None = None,
                  ticket_ttl_s: float = 30.0, hello_timeout_s: float = 5.0, max_tickets: int = 4096,
-                 clock: Callable[[], float] = time.monotonic):
+                 max_connections: int = 1024, clock: Callable[[], float] = time.monotonic):
         self.service = service
         self.host, self.port = host, port
         self.hosts = hosts or [host]  # where callers should connect (the listen host unless it is 0.0.0.0)
         self.ticket_ttl_s, self.hello_timeout_s, self.max_tickets = ticket_ttl_s, hello_timeout_s, max_tickets
+        self.max_connections = max_connections  # open at once, authenticated or not (each holds a socket)
         self.clock = clock
         self.steps = 0  # steps answered over direct connections (rpc_info: "direct_steps")
         self.connections = 0  # connections open now
@@ -132,6 +133,8 @@ class DirectServer:
         self._writers.add(writer)
         tasks: set[asyncio.Task] = set()
         try:
+            if self.connections > self.max_connections:
+                return await self._refuse(writer, 0, f"too many direct connections ({self.max_connections}); use libp2p")
             owner = await self._hello(reader, writer)
             if owner is not None:
                 await self._serve(owner, reader, writer, tasks)

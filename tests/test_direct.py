@@ -306,12 +306,23 @@ def test_e2e_steps_go_direct_client_to_peer_and_peer_to_peer_with_libp2p_as_fall
             fresh.swarm_connection.close()
 
 
-def test_ticket_errors_reach_the_caller_as_refusals():
+def test_tickets_and_connections_are_bounded():
     async def main():
-        server, _ = await start(max_tickets=1)
+        server, _ = await start(max_tickets=1, max_connections=2)
         server.issue("a")
         with pytest.raises(RequestRefused, match="too many direct-connection tickets"):
             server.issue("b")
+        server._tickets.clear()
+        idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        reader, _ = await asyncio.open_connection("127.0.0.1", server.port)
+        kind, _, payload = await read_frame(reader)
+        assert kind == REFUSED and b"too many direct connections" in payload
+        for _, writer in idle:
+            writer.close()
+        await asyncio.sleep(0.1)
+        *_, kind, _, _, _ = await hello(server, "a")  # room again
+        assert kind == WELCOME
         await server.close()
 
     run(main())
