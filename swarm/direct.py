@@ -182,7 +182,7 @@ class DirectServer:
             try:
                 reservation = self.service.reserve(length)
             except RequestRefused as exc:  # read and drop the body, answer why; the connection stays usable
-                await asyncio.wait_for(reader.readexactly(length), limits.receive_timeout_s)
+                await asyncio.wait_for(_skip(reader, length), limits.receive_timeout_s)
                 writer.write(frame(REPLY, request_id, encode_message(error_to_wire(exc))))
                 continue
             try:
@@ -205,6 +205,12 @@ class DirectServer:
             await asyncio.wait_for(writer.drain(), self.service.limits.send_timeout_s)
         except (asyncio.TimeoutError, ConnectionError):
             writer.close()  # a caller that does not read: drop it
+
+
+async def _skip(reader: asyncio.StreamReader, length: int, chunk: int = 1 << 20) -> None:
+    """Read and drop `length` bytes without holding them all (a refused request may be large)."""
+    while length > 0:
+        length -= len(await reader.readexactly(min(chunk, length)))
 
 
 # ---- the caller's side ------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import msgpack
 import pytest
 import torch
 from hivemind.proto import runtime_pb2
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from swarm.client import ClientConfig
 from swarm.direct import (
@@ -34,6 +34,7 @@ from swarm.direct import (
 from swarm.protocol import RequestRefused
 from swarm.rpc import BlockService, RpcLimits
 from swarm.wire import decode_message
+from tests.tiny_models import save_test_llama
 
 
 class EchoBackend:
@@ -244,12 +245,8 @@ GREEDY = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
 
 @pytest.fixture(scope="module")
 def llama6(tmp_path_factory):
-    root = tmp_path_factory.mktemp("direct-e2e")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(root / "llama6")
-    return root / "llama6", AutoModelForCausalLM.from_pretrained(root / "llama6").eval()
+    path = save_test_llama(tmp_path_factory.mktemp("direct-e2e"), 6)
+    return path, AutoModelForCausalLM.from_pretrained(path).eval()
 
 
 def test_e2e_steps_go_direct_client_to_peer_and_peer_to_peer_with_libp2p_as_fallback(llama6):

@@ -25,12 +25,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from swarm.protocol import ChainLink, ProtocolError, StepRequest
 from swarm.rpc import BlockService, RpcLimits, split_message
 from swarm.wire import CacheRef, WireError, decode_message, encode_message
 from tests.processes import ROOT, Proc, SwarmProcesses
+from tests.tiny_models import save_test_llama
 
 LIMITS = dict(max_batch=8, max_tokens_per_step=512, max_sessions=16, max_sessions_per_client=4,
               max_session_length=256, session_ttl_s=60.0)
@@ -76,12 +77,7 @@ def rss_kib(pid: int) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(root / "llama4")
-    return root / "llama4"
+    return save_test_llama(tmp_path_factory.mktemp("hostile"), 4)
 
 
 @pytest.fixture(scope="module")

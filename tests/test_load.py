@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from tests.processes import SwarmProcesses
+from tests.tiny_models import save_test_llama
 
 SESSIONS = 16
 NEW_TOKENS = 64
@@ -75,12 +76,7 @@ def percentile(values: list[float], q: float) -> float:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("load")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(root / "llama8")
-    return root / "llama8"
+    return save_test_llama(tmp_path_factory.mktemp("load"), 8)
 
 
 def test_16_concurrent_sessions_of_64_tokens_on_3_peers(model):

@@ -21,7 +21,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from peer.inprocess import start_local_peers
 from peer.runner import BlockRunner, SessionError
@@ -32,7 +32,7 @@ from swarm.protocol import ChainLink, ProtocolError, StepRequest, StepResponse
 from swarm.router import PeerUnreachable, RetryPolicy, SwarmRouter
 from swarm.routing import MissingBlocksError, Span
 from swarm.wire import CacheRef, decode_message, encode_message
-from tests.tiny_models import save_tiny
+from tests.tiny_models import save_test_llama, save_tiny
 
 FAST = RetryPolicy(ban_base_s=0.5, ban_max_s=2.0, heal_timeout_s=1.0, poll_interval_s=0.05)
 GREEDY = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
@@ -294,13 +294,8 @@ LONG = dict(max_new_tokens=48, do_sample=False, pad_token_id=0)
 
 @pytest.fixture(scope="module")
 def llama8(tmp_path_factory):
-    root = tmp_path_factory.mktemp("push-e2e")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(root / "llama8")
-    local = AutoModelForCausalLM.from_pretrained(root / "llama8").eval()
-    return root / "llama8", local
+    path = save_test_llama(tmp_path_factory.mktemp("push-e2e"), 8)
+    return path, AutoModelForCausalLM.from_pretrained(path).eval()
 
 
 @pytest.fixture(scope="module")

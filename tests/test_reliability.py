@@ -21,7 +21,7 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from peer.inprocess import start_local_peers
 from swarm.client import DistributedModelMixin
@@ -31,7 +31,7 @@ from swarm.protocol import RemoteError, error_to_wire
 from swarm.router import Bans, PeerUnreachable, ReplyLost, RetryPolicy, SessionLost, SwarmRouter
 from swarm.routing import MissingBlocksError, Span
 from swarm.wire import encode_message
-from tests.tiny_models import save_tiny
+from tests.tiny_models import save_test_llama, save_tiny
 
 FAST = RetryPolicy(ban_base_s=0.5, ban_max_s=2.0, heal_timeout_s=1.0, poll_interval_s=0.05)
 
@@ -297,12 +297,9 @@ class Progress:
 @pytest.fixture(scope="module")
 def llama8(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel-e2e")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(root / "llama8")
-    local = AutoModelForCausalLM.from_pretrained(root / "llama8").eval()
-    return root, root / "llama8", local.generate(PROMPT, **LONG)
+    path = save_test_llama(root, 8)
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    return root, path, local.generate(PROMPT, **LONG)
 
 
 @pytest.fixture(scope="module")

@@ -12,22 +12,20 @@ import threading
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertModel
 
 from swarm import AutoDistributedModel, AutoDistributedModelForCausalLM
 from swarm.client import SwarmConnection
 from swarm.protocol import RemoteError, StepRequest
 from swarm.wire import CacheRef, decode_message, encode_message
 from tests.processes import SwarmProcesses, wait_until
+from tests.tiny_models import save_test_llama
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    torch.manual_seed(0)
-    llama = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0)
-    LlamaForCausalLM(llama).save_pretrained(root / "llama8")
+    save_test_llama(root, 8)
     torch.manual_seed(0)
     bert = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
                       vocab_size=128, max_position_embeddings=128, pad_token_id=0)

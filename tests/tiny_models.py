@@ -230,3 +230,16 @@ def save_tiny(name: str, directory: Path, seed: int = 0) -> Path:
     model = auto.from_config(config)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def save_test_llama(directory: Path, num_layers: int) -> Path:
+    """The small Llama the real-process tests serve (hidden 64, GQA 4/2 heads, vocab 128), seed 0, saved as
+    `directory/llama{num_layers}`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0)
+    path = directory / f"llama{num_layers}"
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
