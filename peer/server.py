@@ -71,6 +71,17 @@ class PeerConfig:
     limits: RunnerLimits = field(default_factory=RunnerLimits)
 
 
+def direct_hosts(maddrs: list[str]) -> list[str]:
+    """The IPv4 addresses in `maddrs`, in order, without duplicates; loopback ones only when nothing else is left."""
+    hosts = []
+    for maddr in maddrs:
+        parts = maddr.split("/")
+        if len(parts) > 2 and parts[1] == "ip4" and parts[2] not in hosts:
+            hosts.append(parts[2])
+    outside = [h for h in hosts if not h.startswith("127.")]
+    return outside or hosts
+
+
 class NotServing(RequestRefused):
     """The peer has no blocks loaded right now (joining, or moving to a new range)."""
 
@@ -309,15 +320,12 @@ class PeerServer:
 
     def _direct_hosts(self) -> list[str]:
         """Where callers should open direct connections: the listen host, or, listening on every interface,
-        the IPv4 addresses libp2p announces."""
+        the IPv4 addresses libp2p announces, loopback only if there is no other (a caller on another
+        machine would reach some other program at its own 127.0.0.1; one on this machine can use the LAN
+        address)."""
         if self.config.host not in ("0.0.0.0", "::", ""):
             return [self.config.host]
-        hosts = []
-        for maddr in self.dht.get_visible_maddrs():
-            parts = str(maddr).split("/")
-            if len(parts) > 2 and parts[1] == "ip4" and parts[2] not in hosts:
-                hosts.append(parts[2])
-        return hosts
+        return direct_hosts([str(maddr) for maddr in self.dht.get_visible_maddrs()])
 
     async def _sleep(self, seconds: float) -> None:
         try:

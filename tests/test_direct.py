@@ -85,6 +85,15 @@ async def hello(server: DirectServer, owner: str = "alice", ticket: dict | None 
     return reader, writer, kind, payload, ticket, nonce
 
 
+def test_a_peer_on_every_interface_offers_its_network_addresses_before_loopback():
+    from peer.server import direct_hosts
+
+    maddrs = ["/ip4/127.0.0.1/tcp/5/p2p/Qm", "/ip4/192.168.1.5/tcp/5/p2p/Qm", "/ip6/::1/tcp/5", "/ip4/192.168.1.5/udp/5"]
+    assert direct_hosts(maddrs) == ["192.168.1.5"]
+    assert direct_hosts(["/ip4/127.0.0.1/tcp/5"]) == ["127.0.0.1"]
+    assert direct_hosts(["/dns4/example.org/tcp/5"]) == []
+
+
 def test_policy_allows_loopback_and_private_addresses_only_by_default():
     assert allowed("127.0.0.1", "private") and allowed("10.1.2.3", "private") and allowed("192.168.0.7", "private")
     assert allowed("::1", "private") and allowed("fd00::1", "private")
