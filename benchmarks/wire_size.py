@@ -32,12 +32,12 @@ class Recorder:
     def __init__(self, inner):
         self.inner, self.requests = inner, []
 
-    def step(self, peer_id: str, request: bytes) -> bytes:
+    def step(self, peer_id: str, request: bytes, timeout: float | None = None) -> bytes:
         self.requests.append(request)
-        return self.inner.step(peer_id, request)
+        return self.inner.step(peer_id, request, timeout)
 
-    def close_session(self, peer_id: str, session_id: str) -> None:
-        self.inner.close_session(peer_id, session_id)
+    def close_session(self, peer_id: str, session_id: str, wait: bool = True) -> None:
+        self.inner.close_session(peer_id, session_id, wait)
 
 
 def breakdown(request: bytes, hidden_shape: tuple[int, ...]) -> dict:
