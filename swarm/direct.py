@@ -30,7 +30,7 @@ import logging
 import os
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import msgpack
@@ -269,25 +269,22 @@ class _Connection:
             self.pending.pop(request_id, None)
 
 
-@dataclass
 class DirectClient:
     """Steps to peers over direct connections where allowed and reachable, one connection per peer, opened
     on first use (ticket over libp2p, then TCP). `step` returns None when there is no direct path (the
     peer offers none, the policy forbids its address, or the connection cannot be opened); the caller
-    then uses libp2p. A peer without a direct path is asked again after `retry_s`."""
+    then uses libp2p. A peer without a direct path is asked again after `retry_s`. Used from one event loop."""
 
-    policy: str = "private"
-    connect_timeout_s: float = 2.0
-    retry_s: float = 60.0
-    max_reply_bytes: int = 1024**3
-    steps: int = 0  # steps that went over a direct connection
-    _conns: dict = field(default_factory=dict)  # peer id -> _Connection
-    _no_path_until: dict = field(default_factory=dict)  # peer id -> monotonic time
-    _opening: dict = field(default_factory=dict)  # peer id -> asyncio.Lock
-
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"direct policy must be one of {POLICIES}, got {self.policy!r}")
+    def __init__(self, policy: str = "private", connect_timeout_s: float = 2.0, retry_s: float = 60.0,
+                 max_reply_bytes: int = 1024**3):
+        if policy not in POLICIES:
+            raise ValueError(f"direct policy must be one of {POLICIES}, got {policy!r}")
+        self.policy, self.connect_timeout_s, self.retry_s = policy, connect_timeout_s, retry_s
+        self.max_reply_bytes = max_reply_bytes
+        self.steps = 0  # steps that went over a direct connection
+        self._conns: dict[str, _Connection] = {}
+        self._no_path_until: dict[str, float] = {}  # peer id -> monotonic time
+        self._opening: dict[str, asyncio.Lock] = {}
 
     async def step(self, stub, peer_id: str, request: bytes) -> bytes | None:
         if self.policy == "never":

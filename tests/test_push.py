@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import threading
 import time
 
 import pytest
@@ -32,6 +31,7 @@ from swarm.protocol import ChainLink, ProtocolError, StepRequest, StepResponse
 from swarm.router import PeerUnreachable, RetryPolicy, SwarmRouter
 from swarm.routing import MissingBlocksError, Span
 from swarm.wire import CacheRef, decode_message, encode_message
+from tests.disturb import generate_and_disturb, peer_named
 from tests.tiny_models import save_test_llama, save_tiny
 
 FAST = RetryPolicy(ban_base_s=0.5, ban_max_s=2.0, heal_timeout_s=1.0, poll_interval_s=0.05)
@@ -368,52 +368,6 @@ def test_e2e_pushed_generation_equals_local_with_one_client_call_per_step(llama8
             client.swarm_connection.close()
 
 
-class Progress:
-    """A `generate` streamer that signals after `at` new tokens (and paces decoding a little)."""
-
-    def __init__(self, at: int):
-        self.at, self.seen = at, -1
-        self.reached = threading.Event()
-
-    def put(self, value) -> None:
-        self.seen += 1
-        if self.seen >= self.at:
-            self.reached.set()
-        time.sleep(0.02)
-
-    def end(self) -> None:
-        self.reached.set()
-
-
-def generate_and_disturb(client, disturb):
-    result: dict = {}
-    progress = Progress(12)
-    with client.inference_session(max_length=80) as cache:
-        session = cache._swarm_session
-
-        def run():
-            try:
-                result["out"] = client.generate(PROMPT, streamer=progress, **LONG)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                result["error"] = exc
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        assert progress.reached.wait(120), "generation did not start"
-        before = list(session.hops)
-        disturb(before)
-        thread.join(180)
-        assert not thread.is_alive(), "generation hangs"
-        after = list(session.hops)
-    if "error" in result:
-        raise result["error"]
-    return result["out"], before, after
-
-
-def name_of(peers, peer_id):
-    return next(name for name, proc in peers.items() if proc.info["peer_id"] == peer_id)
-
-
 @pytest.mark.parametrize("signal_, position", [(signal.SIGKILL, 1), (signal.SIGSTOP, 2)], ids=["kill-9-middle", "sigstop-last"])
 def test_e2e_a_peer_failing_inside_a_pushed_route_gives_the_same_tokens(llama8, swarm, signal_, position):
     model, local = llama8
@@ -424,7 +378,7 @@ def test_e2e_a_peer_failing_inside_a_pushed_route_gives_the_same_tokens(llama8, 
 
     def disturb(hops):
         assert len(hops) == 3
-        victim = name_of(peers, hops[position].peer_id)
+        victim = peer_named(peers, hops[position].peer_id)
         hit.append(victim)
         if signal_ == signal.SIGKILL:
             peers[victim].stop(signal.SIGKILL)
@@ -435,7 +389,7 @@ def test_e2e_a_peer_failing_inside_a_pushed_route_gives_the_same_tokens(llama8, 
     router.transport = CountingTransport(router.transport)
     began = time.monotonic()
     try:
-        out, before, after = generate_and_disturb(client, disturb)
+        out, before, after = generate_and_disturb(client, PROMPT, LONG, 12, disturb)
         assert torch.equal(out, want)
         # one call per pushed step, plus the failed hop's direct request and the replay of ~12-16 steps on its
         # replacement; the steps after it are pushed again (the replacement's session took the key at opening)
@@ -445,7 +399,7 @@ def test_e2e_a_peer_failing_inside_a_pushed_route_gives_the_same_tokens(llama8, 
         assert len(after) == 3
         assert time.monotonic() - began < 90
         # pushing went on after the failure, through the replica
-        replica = name_of(peers, after[position].peer_id)
+        replica = peer_named(peers, after[position].peer_id)
         assert replica != victim
         assert forwarded(client, {"0:3": peers["0:3"]})["0:3"] > 0
     finally:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import threading
 import time
 from collections import Counter
 
@@ -31,6 +30,7 @@ from swarm.protocol import RemoteError, error_to_wire
 from swarm.router import Bans, PeerUnreachable, ReplyLost, RetryPolicy, SessionLost, SwarmRouter
 from swarm.routing import MissingBlocksError, Span
 from swarm.wire import encode_message
+from tests.disturb import generate_and_disturb, peer_named
 from tests.tiny_models import save_test_llama, save_tiny
 
 FAST = RetryPolicy(ban_base_s=0.5, ban_max_s=2.0, heal_timeout_s=1.0, poll_interval_s=0.05)
@@ -277,23 +277,6 @@ PROMPT = torch.tensor([[11, 22, 33, 44, 55]])
 LONG = dict(max_new_tokens=64, do_sample=False, pad_token_id=0)
 
 
-class Progress:
-    """A `generate` streamer that signals after `at` new tokens (and paces decoding a little)."""
-
-    def __init__(self, at: int):
-        self.at, self.seen = at, -1  # the first `put` is the prompt
-        self.reached = threading.Event()
-
-    def put(self, value) -> None:
-        self.seen += 1
-        if self.seen >= self.at:
-            self.reached.set()
-        time.sleep(0.02)
-
-    def end(self) -> None:
-        self.reached.set()
-
-
 @pytest.fixture(scope="module")
 def llama8(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel-e2e")
@@ -331,36 +314,6 @@ def client8(llama8, swarm8):
     client.swarm_connection.close()
 
 
-def generate_and_disturb(client, at: int, disturb) -> tuple[torch.Tensor, list, list]:
-    """Generate 64 tokens in a session; after `at` tokens call `disturb(hops)` from this thread."""
-    result: dict = {}
-    progress = Progress(at)
-    with client.inference_session(max_length=80) as cache:
-        session = cache._swarm_session
-
-        def run():
-            try:
-                result["out"] = client.generate(PROMPT, streamer=progress, **LONG)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                result["error"] = exc
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        assert progress.reached.wait(120), "generation did not start"
-        before = list(session.hops)
-        disturb(before)
-        thread.join(180)
-        assert not thread.is_alive(), "generation hangs"
-        after = list(session.hops)
-    if "error" in result:
-        raise result["error"]
-    return result["out"], before, after
-
-
-def peer_named(peers: dict, peer_id: str) -> str:
-    return next(name for name, proc in peers.items() if proc.info["peer_id"] == peer_id)
-
-
 def forward_counts(client, proc) -> tuple[int, int]:
     """Steps a peer forwarded along a pushed route, and forwards that failed (its `rpc_info`)."""
     info = client.swarm_connection.transport.info(proc.info["peer_id"])
@@ -377,7 +330,7 @@ def test_e2e_kill_9_mid_generation_gives_the_same_tokens(client8, swarm8, llama8
         killed.append(victim)
 
     counts = forward_counts(client8, peers["A"])
-    out, before, after = generate_and_disturb(client8, 16, kill)
+    out, before, after = generate_and_disturb(client8, PROMPT, LONG, 16, kill)
     assert torch.equal(out, llama8[2])
     (victim,) = killed
     assert peers[victim].info["peer_id"] in {h.peer_id for h in before}
@@ -408,7 +361,7 @@ def test_e2e_frozen_peer_times_out_and_the_restarted_peer_is_used_again(client8,
     counts = forward_counts(client8, peers["A"])
     began = time.monotonic()
     try:
-        out, before, after = generate_and_disturb(client8, 16, freeze)
+        out, before, after = generate_and_disturb(client8, PROMPT, LONG, 16, freeze)
     finally:
         for name in frozen:
             os.killpg(peers[name].popen.pid, signal.SIGCONT)
