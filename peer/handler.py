@@ -16,6 +16,7 @@ import logging
 from typing import Callable
 
 from peer.runner import BlockRunner
+from swarm.chain import FORWARDED_KEYS, PUSH_MAX_BYTES, Forward, plan_forward
 from swarm.protocol import ProtocolError, StepRequest, error_to_wire
 from swarm.wire import WireError, decode_message, encode_message
 
@@ -25,46 +26,54 @@ logger = logging.getLogger(__name__)
 CLIENT_ERRORS = (ProtocolError, WireError)
 
 
+Reply = bytes | Forward  # a reply's bytes, or for a pushed step what to send on first (`swarm.chain`)
+
+
 class StepHandler:
-    """bytes in, bytes out: the contract every transport of a peer calls."""
+    """bytes in, bytes out: the contract every transport of a peer calls. A pushed step's answer is a
+    `Forward` instead: the transport sends its request on, then replies with `Forward.reply(...)`."""
 
     def __init__(self, runner: BlockRunner):
         self.runner = runner
 
-    def step(self, data: bytes, owner: str = "local") -> bytes:
+    def step(self, data: bytes, owner: str = "local") -> Reply:
         return self.step_many([(data, owner)])[0]
 
-    def step_many(self, items: list[tuple[bytes, str]], done: Callable[[int, bytes], None] | None = None) -> list[bytes]:
+    def step_many(self, items: list[tuple[bytes, str]], done: Callable[[int, Reply], None] | None = None) -> list[Reply]:
         """Replies to requests that arrived together (the runner may merge their decode steps into one batch).
 
         `done(k, reply)` is called as soon as reply k is ready, before the requests after it have run.
         """
-        replies: list[bytes | None] = [None] * len(items)
+        replies: list[Reply | None] = [None] * len(items)
 
-        def put(k: int, reply: bytes) -> None:
+        def put(k: int, reply: Reply) -> None:
             replies[k] = reply
             if done is not None:
                 done(k, reply)
 
-        decoded: list[tuple[int, StepRequest, str]] = []
+        decoded: list[tuple[int, StepRequest, str, bool]] = []
         for k, (data, owner) in enumerate(items):
             try:
-                decoded.append((k, StepRequest.from_wire(decode_message(data)), owner))
+                # the later hops' part of a pushed step stays undecoded: it is passed on as it came
+                request = StepRequest.from_wire(decode_message(data, raw_keys=FORWARDED_KEYS))
+                decoded.append((k, request, owner, bool(request.next) and len(data) <= PUSH_MAX_BYTES))
             except BaseException as exc:  # noqa: BLE001 - answered to its sender alone
                 put(k, _error_reply(exc))
 
         def finished(j: int, result) -> None:
+            k, request, owner, pushed = decoded[j]
             if isinstance(result, BaseException):
                 reply = _error_reply(result)
             else:
                 try:
-                    reply = encode_message(result.to_wire())
+                    forward = plan_forward(request, result.hidden, owner) if pushed else None
+                    reply = forward if forward is not None else encode_message(result.to_wire())
                 except Exception as exc:  # noqa: BLE001
                     reply = _error_reply(exc)
-            put(decoded[j][0], reply)
+            put(k, reply)
 
         if decoded:
-            self.runner.step_many([(req, owner) for _, req, owner in decoded], done=finished)
+            self.runner.step_many([(req, owner) for _, req, owner, _ in decoded], done=finished)
         return replies  # type: ignore[return-value]
 
     def close_session(self, session_id: str, owner: str = "local") -> bool:

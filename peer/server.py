@@ -29,6 +29,7 @@ from peer.throughput import cache_key as throughput_cache_key
 from peer.throughput import cached_or_measure
 from swarm import __version__
 from swarm.assignment import make_plan
+from swarm.chain import Forward, ForwardFailed
 from swarm.protocol import RequestRefused, error_to_wire
 from swarm.records import PeerRecord, model_key
 from swarm.registry import announce_peer, get_peers, local_peer_id, make_dht, read_control
@@ -109,8 +110,12 @@ class PeerServer:
         if self.handler is None:
             return self._not_serving()
         reply = await self._compute.submit(data, owner)
-        # a pushed step goes on to the next peer from here, on the event loop: the compute thread is free meanwhile
-        return reply if self.forwarder is None else await self.forwarder.after_step(data, reply, owner)
+        if isinstance(reply, Forward):
+            # a pushed step goes on to the next peer from here, on the event loop: the compute thread is free meanwhile
+            if self.forwarder is None:
+                return reply.reply(failure=ForwardFailed("this peer cannot forward steps yet"))
+            return await self.forwarder.send(reply)
+        return reply
 
     def _run_many(self, items: list[tuple[bytes, str]], done=None) -> list[bytes]:
         """On the compute thread: requests that queued up together (decode steps of sessions may merge)."""

@@ -1,12 +1,15 @@
 """Pushed steps, the part every forwarding peer does the same way whatever carries the bytes.
 
-A pushed step's request names the hops after it (`StepRequest.next`). Once a peer has run its own part,
-`plan_forward` reads the request and the peer's reply and says what to send on: the next hop's request
-with this peer's output as its hidden state, the remaining hops as its `next`, and the client it runs
-for as its `owner`. `Forward.reply` then nests what came back (`then`: the next peer's reply bytes,
+A pushed step's request names the hops after it (`StepRequest.next`). The peer decodes that part without
+building its tensors (`FORWARDED_KEYS`, `wire.decode_message(raw_keys=...)`); once it has run its own
+part, `plan_forward` says what to send on: the next hop's request with this peer's output as its hidden
+state, the remaining hops as its `next`, and the client it runs for as its `owner`. It runs on the
+compute thread right after the blocks, so the next request is on its way before this peer's own reply
+is even encoded. `Forward.reply` then nests what came back (`then`: the next peer's reply bytes,
 untouched) or why nothing did (`then_error`) into this peer's reply. No tensor is decoded or
-re-serialized on the way: the protos travel on as they came (`swarm.wire.RawTensor`). The network
-part (the RPC call, its timeout) is the caller's: `peer.forward` over libp2p, `swarm.local` in-process.
+re-serialized on the way: the client's arguments travel on as the protos that came, and this peer's
+output is serialized once for both messages (`swarm.wire.RawTensor`). The network part (the RPC call,
+its timeout) is the caller's: `peer.forward` over libp2p, `swarm.local` in-process.
 
 Pure functions: no sockets, no threads. swarm/router.py reads the nested reply on the client.
 """
@@ -15,13 +18,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from swarm.protocol import PROTOCOL_VERSION, ChainLink, ProtocolError, PushFields, error_to_wire
+import torch
+
+from swarm.protocol import PROTOCOL_VERSION, ChainLink, ProtocolError, StepRequest, error_to_wire
 from swarm.rpc import UNARY_MAX_BYTES
-from swarm.wire import RawTensor, WireError, decode_message, encode_message
+from swarm.wire import RawTensor, encode_message, raw_tensor
 
 # Only steps that fit one unary message are pushed (clients chain decode steps and short prefills); a
-# peer does not look for `next` in a larger request, so it never parses a long prefill twice.
+# peer does not forward a larger request, whatever it names.
 PUSH_MAX_BYTES = UNARY_MAX_BYTES
+FORWARDED_KEYS = ("next",)  # a request's part a peer passes on without decoding its tensors
 DEFAULT_HOP_TIMEOUT_S = 120.0  # a pushed step that names no `hop_timeout`: what each later hop is waited for
 
 
@@ -53,39 +59,25 @@ class Forward:
             return encode_message({"v": PROTOCOL_VERSION, "hidden": self.hidden, "then_error": error_to_wire(too_big)})
 
 
-def plan_forward(data: bytes, reply: bytes, caller: str) -> Forward | None:
-    """The forward a pushed step asks for, once this peer answered `data` with `reply`; None when there is
-    nothing to forward: not a pushed step, too large to be one, or this peer's own part failed (its error
-    reply goes back as it is).
+def plan_forward(request: StepRequest, hidden: torch.Tensor, caller: str) -> Forward | None:
+    """The forward a pushed step asks for, once this peer ran its part of `request` and got `hidden`;
+    None when the request names no next hop.
 
-    `caller` is who sent `data` (the libp2p peer id the RPC layer authenticated): the client itself at the
-    first hop. It becomes the next request's `owner` unless `data` already carries a claim (it was itself
-    forwarded), so every hop of the chain knows the client a session belongs to.
-
-    Tensors are not decoded here: the handler has checked the request already (a successful reply means it
-    passed `StepRequest.from_wire`), and the next peer checks what it receives. The client's arguments for
-    the next hops and this peer's output go on as the protos that came in (`wire.RawTensor`).
+    `caller` is who sent the request (the libp2p peer id the RPC layer authenticated): the client itself at
+    the first hop. It becomes the next request's `owner` unless the request already carries a claim (it was
+    itself forwarded), so every hop of the chain knows the client a session belongs to. The next peer checks
+    what it receives: the entries of `next` were only checked for their shape here.
     """
-    if len(data) > PUSH_MAX_BYTES:
+    if not request.next:
         return None
+    link, rest = request.next[0], request.next[1:]
+    timeout = (request.hop_timeout or DEFAULT_HOP_TIMEOUT_S) * len(request.next)
+    out = raw_tensor(hidden)
     try:
-        request = decode_message(data, raw_tensors=True)
-        response = decode_message(reply, raw_tensors=True)
-        if not isinstance(request, dict) or not isinstance(response, dict):
-            return None
-        push = PushFields.from_wire(request)
-    except (WireError, ProtocolError):
-        return None  # the handler has answered it with the error already
-    hidden = response.get("hidden")
-    if not push.next or "error" in response or not isinstance(hidden, RawTensor):
-        return None  # not pushed, or this peer's part failed: nothing to send on
-    link, rest = push.next[0], push.next[1:]
-    timeout = (push.hop_timeout or DEFAULT_HOP_TIMEOUT_S) * len(push.next)
-    try:
-        data_next = encode_message(_next_request(link, rest, hidden, push.owner or caller))
+        data_next = encode_message(_next_request(link, rest, out, request.owner or caller))
     except (TypeError, ValueError) as exc:  # decoded values always re-encode; only the limits can bite
-        return Forward(link.peer, hidden, None, ProtocolError(f"next[0] cannot be forwarded: {exc}"), timeout)
-    return Forward(link.peer, hidden, data_next, None, timeout)
+        return Forward(link.peer, out, None, ProtocolError(f"next[0] cannot be forwarded: {exc}"), timeout)
+    return Forward(link.peer, out, data_next, None, timeout)
 
 
 def _next_request(link: ChainLink, rest: list[ChainLink], hidden: RawTensor, owner: str) -> dict:
@@ -102,4 +94,4 @@ def _next_request(link: ChainLink, rest: list[ChainLink], hidden: RawTensor, own
     return msg
 
 
-__all__ = ["DEFAULT_HOP_TIMEOUT_S", "Forward", "ForwardFailed", "PUSH_MAX_BYTES", "plan_forward"]
+__all__ = ["DEFAULT_HOP_TIMEOUT_S", "FORWARDED_KEYS", "Forward", "ForwardFailed", "PUSH_MAX_BYTES", "plan_forward"]

@@ -31,7 +31,7 @@ from swarm.router import PeerUnreachable, ReplyLost, RetryPolicy, SwarmRouter
 from swarm.routing import Span
 from swarm.direct import POLICIES as DIRECT_POLICIES
 from swarm.direct import DirectClient
-from swarm.rpc import BlockService, EmptyStream, call_step
+from swarm.rpc import EmptyStream, Stubs, call_step
 from swarm.splitting import read_config_json
 
 logger = logging.getLogger(__name__)
@@ -89,17 +89,14 @@ class P2PTransport:
     def __init__(self, p2p, loop: BackgroundLoop, config: ClientConfig):
         self.p2p, self.loop, self.config = p2p, loop, config
         self.direct = DirectClient(policy=config.direct)  # used on the loop's thread only
+        self.stubs = Stubs(p2p)
 
-    def _stub(self, peer_id: str):
-        from hivemind.p2p import PeerID
-
-        return BlockService.get_stub(self.p2p, PeerID.from_base58(peer_id))
 
     def step(self, peer_id: str, request: bytes, timeout: float | None = None) -> bytes:
         """One step request; `timeout` (a pushed step: the whole chain's) replaces `ClientConfig.step_timeout`."""
         timeout = timeout or self.config.step_timeout
         try:
-            return self.loop.run(call_step(self._stub(peer_id), request, self.direct, peer_id), timeout=timeout)
+            return self.loop.run(call_step(self.stubs.get(peer_id), request, self.direct, peer_id), timeout=timeout)
         except TimeoutError as exc:
             raise PeerUnreachable(f"peer {peer_id} did not answer within {timeout:.1f} s") from exc
         except EmptyStream as exc:
@@ -115,7 +112,7 @@ class P2PTransport:
 
         async def call():
             return await asyncio.wait_for(
-                self._stub(peer_id).rpc_close(runtime_pb2.ExpertRequest(uid=session_id)), self.config.close_timeout
+                self.stubs.get(peer_id).rpc_close(runtime_pb2.ExpertRequest(uid=session_id)), self.config.close_timeout
             )
 
         if wait:
@@ -128,7 +125,7 @@ class P2PTransport:
         from hivemind.proto import runtime_pb2
 
         async def call():
-            return await self._stub(peer_id).rpc_info(runtime_pb2.ExpertRequest())
+            return await self.stubs.get(peer_id).rpc_info(runtime_pb2.ExpertRequest())
 
         reply = self.loop.run(call(), timeout=self.config.step_timeout)
         return msgpack.unpackb(reply.metadata, raw=False)

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from swarm.chain import ForwardFailed, plan_forward
+from swarm.chain import Forward, ForwardFailed
 from swarm.router import SwarmRouter
 from swarm.routing import Span
 
@@ -41,10 +41,9 @@ class LocalTransport:
 
     def call(self, peer_id: str, request: bytes, caller: str) -> bytes:
         """`request` to `peer_id` as sent by `caller`, and on along the route if it is a pushed step."""
-        reply = self.peers[peer_id].handler.step(request, caller)
-        plan = plan_forward(request, reply, caller)
-        if plan is None:
-            return reply
+        plan = self.peers[peer_id].handler.step(request, caller)
+        if not isinstance(plan, Forward):
+            return plan
         if plan.error is not None:
             return plan.reply(failure=plan.error)
         try:

@@ -28,7 +28,7 @@ bits; other float32/float64 tensors can be sent as 16-bit floats on request
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
@@ -47,6 +47,7 @@ __all__ = [
     "decode_message",
     "encode",
     "encode_message",
+    "raw_tensor",
     "FORMAT_VERSION",
 ]
 
@@ -424,6 +425,17 @@ def encode_message(
     return runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=metadata).SerializeToString()
 
 
+def raw_tensor(tensor: torch.Tensor, *, limits: Limits = DEFAULT_LIMITS) -> RawTensor:
+    """`tensor` serialized once, to be embedded in several messages (`encode` writes a `RawTensor` as it is):
+    a forwarding peer's output goes both to the next peer and into its own reply."""
+    encoder = _Encoder(None, limits)
+    try:
+        encoder.add_tensor(tensor)
+    except _PathError as exc:
+        raise exc.kind(exc.message) from None
+    return RawTensor(encoder.protos[0], encoder.specs[0])
+
+
 # ----------------------------------------------------------------------------------------------- decode
 
 
@@ -638,12 +650,16 @@ def decode(
     *,
     limits: Limits = DEFAULT_LIMITS,
     raw_tensors: bool = False,
+    raw_keys: Collection[str] = (),
 ) -> Any:
     """Rebuild the structure `encode` produced. Input is untrusted: anything wrong raises `WireError`.
 
-    Every tensor proto is checked (compression, dtype, shape vs. bytes, limits) before any tensor is
-    allocated; a tensor referenced several times decodes to one shared object. With `raw_tensors`, tensors
-    are neither checked nor built: each is a `RawTensor` to pass on (the structure is checked as ever).
+    Every tensor proto is checked (compression, dtype, shape vs. bytes, limits) before it is allocated,
+    and the bytes allocated so far never pass the limits; a tensor referenced several times decodes to
+    one shared object. With `raw_tensors`, tensors are neither checked nor built: each is a `RawTensor`
+    to pass on (the structure is checked as ever). `raw_keys` does that only under those keys of a
+    top-level map: a peer forwarding a pushed step builds what it runs and passes the later hops'
+    part on as it came (a tensor referenced both there and elsewhere is built, and passed on raw).
     """
     n = len(tensors)
     if n > limits.max_tensors:
@@ -673,40 +689,70 @@ def decode(
     if type(specs) is not list or len(specs) != n:
         _fail(f"metadata lists {_len(specs)} tensor specs for {n} tensors")
 
+    raw = [RawTensor(tensors[i], specs[i]) for i in range(n)] if raw_tensors or raw_keys else None
     if raw_tensors:
-        decoder = _Decoder([RawTensor(tensors[i], specs[i]) for i in range(n)], limits.max_depth)
-        try:
-            return decoder.node(tree, 0)
-        except _PathError as exc:
-            raise WireError(f"metadata at {exc.path()}: {exc.message}") from None
+        return _walk(_Decoder(raw, limits.max_depth), tree)
+    decoder = _Decoder(_LazyTensors(tensors, specs, limits), limits.max_depth)
+    if raw_keys and type(tree) is dict and any(key in tree for key in raw_keys):
+        passed_on = _Decoder(raw, limits.max_depth)
+        result = {}
+        for key, value in tree.items():
+            if type(key) is not str:
+                _fail(f"metadata at {key!r:.50}: dict key of type {type(key).__name__}: keys must be str")
+            try:
+                result[key] = (passed_on if key in raw_keys else decoder).node(value, 1)
+            except _PathError as exc:
+                exc.segments.append(key)
+                raise WireError(f"metadata at {exc.path()}: {exc.message}") from None
+        used = [a or b for a, b in zip(decoder.used, passed_on.used)]
+    else:
+        result = _walk(decoder, tree)
+        used = decoder.used
+    if n and not all(used):
+        _fail(f"tensor {list(used).index(0)} is never referenced in the metadata")
+    return result
 
-    plans, buffers, total = [], [], 0
-    for i in range(n):
-        proto = tensors[i]
-        buffer = proto.buffer  # read once: each access copies out of the proto
-        plan, nbytes = _plan_tensor(i, proto, specs[i], len(buffer), limits)
-        total += nbytes
-        if total > limits.max_total_bytes:
-            _fail(f"tensors 0..{i} add up to {total} bytes, limit is {limits.max_total_bytes} (Limits.max_total_bytes)")
-        plans.append(plan)
-        buffers.append(buffer)
-    built = [_build(i, plans[i], tensors[i], buffers[i]) for i in range(n)]
 
-    decoder = _Decoder(built, limits.max_depth)
+def _walk(decoder: "_Decoder", tree: Any, depth: int = 0) -> Any:
     try:
-        result = decoder.node(tree, 0)
+        return decoder.node(tree, depth)
     except _PathError as exc:
         raise WireError(f"metadata at {exc.path()}: {exc.message}") from None
-    if n and not all(decoder.used):
-        _fail(f"tensor {decoder.used.index(0)} is never referenced in the metadata")
-    return result
+
+
+class _LazyTensors:
+    """The tensors of a message, each checked and built when the structure first references it."""
+
+    __slots__ = ("protos", "specs", "limits", "built", "total")
+
+    def __init__(self, protos: Sequence[runtime_pb2.Tensor], specs: list, limits: Limits) -> None:
+        self.protos, self.specs, self.limits = protos, specs, limits
+        self.built: dict[int, torch.Tensor] = {}
+        self.total = 0
+
+    def __len__(self) -> int:
+        return len(self.protos)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        tensor = self.built.get(i)
+        if tensor is None:
+            proto = self.protos[i]
+            buffer = proto.buffer  # read once: each access copies out of the proto
+            plan, nbytes = _plan_tensor(i, proto, self.specs[i], len(buffer), self.limits)
+            self.total += nbytes
+            if self.total > self.limits.max_total_bytes:
+                _fail(f"tensors add up to {self.total} bytes, limit is {self.limits.max_total_bytes} (Limits.max_total_bytes), at tensor {i}")
+            tensor = self.built[i] = _build(i, plan, proto, buffer)
+        return tensor
 
 
 def _len(value: Any) -> str:
     return str(len(value)) if isinstance(value, (list, dict, str, bytes)) else "n/a"
 
 
-def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS, raw_tensors: bool = False) -> Any:
+def decode_message(
+    data: bytes, *, limits: Limits = DEFAULT_LIMITS, raw_tensors: bool = False, raw_keys: Collection[str] = ()
+) -> Any:
     """`decode` of one serialized ``runtime_pb2.ExpertRequest`` (as `encode_message` makes)."""
     # protobuf framing adds a few bytes per tensor; the payload itself is bounded by the decoded limits
     max_size = limits.max_total_bytes + limits.max_metadata_bytes + 64 * (limits.max_tensors + 1)
@@ -718,4 +764,4 @@ def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS, raw_tensors:
         request = runtime_pb2.ExpertRequest.FromString(data)
     except Exception as exc:  # google.protobuf.message.DecodeError and friends
         raise WireError(f"message ({len(data)} bytes) is not a valid ExpertRequest protobuf: {exc}") from exc
-    return decode(request.tensors, request.metadata, limits=limits, raw_tensors=raw_tensors)
+    return decode(request.tensors, request.metadata, limits=limits, raw_tensors=raw_tensors, raw_keys=raw_keys)

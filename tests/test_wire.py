@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import re
 import struct
 
 import msgpack
@@ -16,7 +17,9 @@ from hivemind.proto import runtime_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from swarm.wire import FORMAT_VERSION, CacheRef, Limits, WireError, decode, decode_message, encode, encode_message
+from swarm.wire import (
+    FORMAT_VERSION, CacheRef, Limits, RawTensor, WireError, decode, decode_message, encode, encode_message, raw_tensor,
+)
 
 CT = runtime_pb2.CompressionType
 SMALL_LIMITS = Limits(max_tensors=64, max_tensor_bytes=1 << 20, max_total_bytes=4 << 20, max_metadata_bytes=1 << 16)
@@ -578,3 +581,40 @@ def test_raw_tensors_pass_through_unchanged():
     assert torch.equal(got["extra"], torch.ones(2))
     with pytest.raises(WireError):  # the structure is still checked
         decode_message(b"\x00garbage", raw_tensors=True)
+
+
+def test_raw_keys_build_this_hops_part_and_pass_the_rest_on():
+    """A peer running a pushed step builds the tensors it uses and keeps the later hops' part as it came:
+    a tensor only the later hops use is not even checked here (the peer that uses it checks it), one
+    used by both is built for this peer and passed on raw."""
+    shared, later_only = torch.randn(1, 4, 8), torch.randn(3, 3)
+    mask = torch.zeros(1, 1, 4, 4).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+    obj = {"hidden": torch.randn(1, 4, 16), "rotary": shared,
+           "next": [{"peer": "b", "request": {"rotary": shared, "mask": mask, "x": later_only}}]}
+    tensors, metadata = encode(obj)
+    got = decode(tensors, metadata, raw_keys=("next",))
+    assert isinstance(got["rotary"], torch.Tensor) and torch.equal(got["rotary"], shared)
+    request = got["next"][0]["request"]
+    assert all(isinstance(request[k], RawTensor) for k in ("rotary", "mask", "x"))
+    # passed on with a new hidden state, the next peer gets bit-identical tensors, the mask still bit-packed
+    data = encode_message({**request, "hidden": raw_tensor(torch.ones(2))})
+    assert_same(decode_message(data), {"rotary": shared, "mask": mask, "x": later_only, "hidden": torch.ones(2)})
+
+    # a corrupt tensor of the later hops' part: not this peer's business; of its own part: refused here
+    index = metadata_index_of(tensors, later_only)
+    broken = list(tensors)
+    broken[index] = runtime_pb2.Tensor(buffer=b"\x00" * 3, size=[3, 3], dtype="float32")
+    assert isinstance(decode(broken, metadata, raw_keys=("next",))["next"][0]["request"]["x"], RawTensor)
+    with pytest.raises(WireError, match="carries 3"):
+        decode(broken, metadata)
+    # the structure is checked everywhere: a reference to no tensor under `next` is refused with its path
+    version, specs, tree = msgpack.unpackb(metadata)
+    tree["next"][1]["request"]["x"][1] = len(tensors)
+    with pytest.raises(WireError, match=re.escape("metadata at next[0]['request']['x']: tensor reference")):
+        decode(tensors, msgpack.packb([version, specs, tree]), raw_keys=("next",))
+
+
+def metadata_index_of(protos, tensor: torch.Tensor) -> int:
+    """The proto carrying `tensor`'s bytes."""
+    data = tensor.numpy().tobytes()
+    return next(i for i, p in enumerate(protos) if p.buffer == data)
