@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from swarm.remote import BlockCapture, RemoteBlock, Router
+from swarm.remote import BlockCapture, RemoteBlock, Router, refuse_block_outputs
 from swarm.splitting import (
     BlockLayout,
     build_skeleton,
@@ -60,6 +60,7 @@ def load_client_model(
         mixin=mixin,
     )
     capture.config = model.config
+    model.register_forward_pre_hook(refuse_block_outputs, with_kwargs=True)
     model.swarm_layout = layout
     model.swarm_capture = capture
     return model

@@ -35,6 +35,29 @@ class SplitForwardError(RuntimeError):
     """The model's forward does not loop over its blocks the way splitting requires."""
 
 
+class UnsupportedOutputError(SplitForwardError):
+    """The caller asked for outputs a split model does not return (per-block hidden states, attentions)."""
+
+
+# Outputs transformers collects from the blocks themselves (hooks on the block classes): the blocks run on
+# the peers, so a split model would return them empty. Asking for one is refused up front instead.
+BLOCK_OUTPUTS = ("output_hidden_states", "output_attentions")
+
+
+def refuse_block_outputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A forward pre-hook (with kwargs) for the client model: a clear error instead of empty outputs."""
+    config = getattr(model, "config", None)
+    for flag in BLOCK_OUTPUTS:
+        value = kwargs.get(flag)
+        if value is None:
+            value = getattr(config, flag, False)
+        if value:
+            raise UnsupportedOutputError(
+                f"{flag}={value!r}: a split model does not return per-block outputs (the blocks run on the peers, "
+                "which send back only the last block's hidden state); see docs/splitting.md, Known limits"
+            )
+
+
 @dataclass
 class ClientSession:
     """A KV-cache session on the peers of one route."""

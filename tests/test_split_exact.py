@@ -13,6 +13,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 from peer.inprocess import start_local_peers
 from swarm.local import local_router
 from swarm.model import load_client_model
+from swarm.remote import UnsupportedOutputError
 from tests.tiny_models import NUM_LAYERS, TINY_MODELS, save_tiny
 
 RANGES = [(0, 1), (1, 4), (4, NUM_LAYERS)]  # uneven on purpose
@@ -91,6 +92,31 @@ def test_encoder_matches_local(name, model_dir):
         want = local(input_ids=ids, attention_mask=mask).last_hidden_state
         got = split(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_per_block_outputs_are_refused_not_returned_empty(name, model_dir):
+    """transformers collects hidden states and attentions with hooks on the block classes; the blocks run on
+    the peers, so a split model would return those outputs empty. It says so instead, before any peer is
+    called, and the next ordinary call works."""
+    local, split, peers = load_pair(name, model_dir)
+    ids = torch.randint(3, local.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for flag in ("output_hidden_states", "output_attentions"):
+            with pytest.raises(UnsupportedOutputError, match=f"{flag}=True: a split model does not return per-block"):
+                split(ids, **{flag: True})
+        split.config.output_hidden_states = True  # the config's default counts too
+        with pytest.raises(UnsupportedOutputError, match="output_hidden_states=True"):
+            split(ids)
+        split.config.output_hidden_states = False
+        if TINY_MODELS[name].causal:
+            with pytest.raises(UnsupportedOutputError):
+                split.generate(ids, max_new_tokens=2, output_hidden_states=True, return_dict_in_generate=True)
+            want, got = local(ids).logits, split(ids, output_hidden_states=False).logits
+        else:
+            want, got = local(ids).last_hidden_state, split(ids, output_attentions=False).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert open_sessions(peers) == 0
 
 
 def test_vision_transformer_matches_local(tmp_path):
