@@ -117,7 +117,7 @@ class PeerServer:
             return await self.forwarder.send(reply)
         return reply
 
-    def _run_many(self, items: list[tuple[bytes, str]], done=None) -> list[bytes]:
+    def _run_many(self, items: list[tuple[bytes, str]], done=None) -> list:
         """On the compute thread: requests that queued up together (decode steps of sessions may merge)."""
         handler = self.handler
         if handler is None:

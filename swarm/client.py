@@ -91,7 +91,6 @@ class P2PTransport:
         self.direct = DirectClient(policy=config.direct)  # used on the loop's thread only
         self.stubs = Stubs(p2p)
 
-
     def step(self, peer_id: str, request: bytes, timeout: float | None = None) -> bytes:
         """One step request; `timeout` (a pushed step: the whole chain's) replaces `ClientConfig.step_timeout`."""
         timeout = timeout or self.config.step_timeout
