@@ -3,9 +3,9 @@
 A pushed step (`StepRequest.next`, docs/wire.md) is run by the peer's compute thread like any other,
 which also builds the next peer's request (`swarm.chain.plan_forward`); then, on the event loop, this
 module sends it on and nests that peer's reply (or why there is none) into this peer's own. Waiting for
-the next peer never holds the compute thread: other requests run meanwhile. The wait is bounded: the request's `hop_timeout` times the hops still to
-come, so along a chain each peer gives up before the one that called it does, and the client learns
-which link broke (`then_error` names the peer).
+the next peer never holds the compute thread: other requests run meanwhile. The wait is bounded: the
+request's `hop_timeout` times the hops still to come, so along a chain each peer gives up before the one
+that called it does, and the client learns which link broke (`then_error` names the peer).
 
 What to send and how to reply is `swarm.chain`'s (shared with the in-process transport); the RPC call
 is `swarm.rpc.call_step`, the one clients use.
