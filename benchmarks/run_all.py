@@ -22,6 +22,40 @@ BENCHMARKS = [
 ]
 
 
+def headlines(results: list[dict]) -> list[tuple[str, str, str]]:
+    """(figure, measured, target) rows from the benchmarks' JSON lines, for the figures the targets name."""
+    out = []
+    by_name = {r.get("benchmark"): r for r in results}
+    gen = by_name.get("generate")
+    if gen:
+        ratios = {(r["model"], r["setup"]): r for r in gen["rows"]}
+        for model, target in (("medium", "<= 1.10x"), ("small", "<= 2.0x")):
+            row = ratios.get((model, "swarm 2 peers push")) or ratios.get((model, "swarm 2 peers"))
+            if row:
+                out.append((f"{model} decode time per token, 2 peers vs local", f"{row['tpot_ratio']:.2f}x", target))
+        row = ratios.get(("medium", "swarm 2 peers push")) or ratios.get(("medium", "swarm 2 peers"))
+        if row:
+            out.append(("medium time to first token, 2 peers vs local", f"{row['ttft_ratio']:.2f}x", "<= 1.15x"))
+        for key, ms in gen.get("extra_hop_ms", {}).items():
+            out.append((f"extra hop per token, {key}", f"{ms:.2f} ms", "<= 1.0 ms"))
+    pipe = by_name.get("pipeline")
+    if pipe:
+        out.append(("forward 8x128, pipelined vs the same route without", f"{pipe['speedup']:.2f}x", ">= 1.6x"))
+        out.append(("forward 8x128, pipelined vs local", f"{pipe['pipelined'] / pipe['local']:.2f}x", "-"))
+    sessions = by_name.get("sessions")
+    if sessions:
+        out.append((f"{sessions['sessions']} concurrent sessions vs one, tokens/s", f"{sessions['ratio']:.2f}x", ">= 3x"))
+    wire = by_name.get("wire_size")
+    if wire:
+        for key, ratio in wire.items():
+            if key != "benchmark":
+                out.append((f"bytes per hop / hidden state bytes, {key}", f"{ratio:.2f}x", "-"))
+    memory = by_name.get("peer_memory")
+    if memory:
+        out.append(("peer's peak memory added / its blocks' bytes", f"{memory['ratio']:.2f}x", "<= 1.3x"))
+    return out
+
+
 def main() -> int:
     rows, failed = [], []
     for script, args in BENCHMARKS:
@@ -37,10 +71,10 @@ def main() -> int:
             if line.startswith("{"):
                 rows.append(json.loads(line))
                 break
-    print("\n== summary")
-    for row in rows:
-        name = row.pop("benchmark", "?")
-        print(f"{name:<12} {json.dumps(row)[:300]}")
+    print("\n== summary (issue 7's targets; each ratio against a baseline measured in the same run)")
+    print(f"{'figure':<64}{'measured':>12}  target")
+    for figure, value, target in headlines(rows):
+        print(f"{figure:<64}{value:>12}  {target}")
     if failed:
         print("failed:", ", ".join(failed))
     return 1 if failed else 0

@@ -17,3 +17,28 @@ def test_wire_size_benchmark_runs_and_prints_its_summary():
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["benchmark"] == "wire_size" and summary["decode 2x1"] > 1.0
+
+
+def test_make_bench_summary_reads_every_benchmarks_line():
+    """`make bench` ends with one table of the figures issue 7 names, read from each script's JSON line."""
+    from benchmarks.run_all import headlines
+
+    rows = [
+        {"benchmark": "generate", "rows": [
+            {"model": "medium", "setup": "swarm 2 peers push", "ttft_ratio": 1.02, "tpot_ratio": 1.083},
+            {"model": "small", "setup": "swarm 2 peers push", "ttft_ratio": 1.5, "tpot_ratio": 2.07}],
+         "extra_hop_ms": {"small push": 1.45}},
+        {"benchmark": "pipeline", "local": 276, "sequential": 281, "pipelined": 440, "speedup": 1.565},
+        {"benchmark": "sessions", "sessions": 8, "ratio": 2.222},
+        {"benchmark": "wire_size", "decode 2x1": 1.2765},
+        {"benchmark": "peer_memory", "ratio": 1.011},
+    ]
+    table = {figure: (value, target) for figure, value, target in headlines(rows)}
+    assert table["medium decode time per token, 2 peers vs local"] == ("1.08x", "<= 1.10x")
+    assert table["small decode time per token, 2 peers vs local"] == ("2.07x", "<= 2.0x")
+    assert table["medium time to first token, 2 peers vs local"] == ("1.02x", "<= 1.15x")
+    assert table["extra hop per token, small push"] == ("1.45 ms", "<= 1.0 ms")
+    assert table["forward 8x128, pipelined vs the same route without"] == ("1.56x", ">= 1.6x")
+    assert table["8 concurrent sessions vs one, tokens/s"] == ("2.22x", ">= 3x")
+    assert table["bytes per hop / hidden state bytes, decode 2x1"] == ("1.28x", "-")
+    assert table["peer's peak memory added / its blocks' bytes"] == ("1.01x", "<= 1.3x")
