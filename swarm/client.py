@@ -30,7 +30,7 @@ from swarm.remote import bind_session
 from swarm.router import PeerUnreachable, ReplyLost, RetryPolicy, SwarmRouter
 from swarm.routing import Span
 from swarm.direct import POLICIES as DIRECT_POLICIES
-from swarm.direct import DirectClient
+from swarm.direct import BlockingDirectClient, fetch_offer
 from swarm.rpc import EmptyStream, Stubs, call_step
 from swarm.splitting import read_config_json
 
@@ -88,14 +88,29 @@ class P2PTransport:
 
     def __init__(self, p2p, loop: BackgroundLoop, config: ClientConfig):
         self.p2p, self.loop, self.config = p2p, loop, config
-        self.direct = DirectClient(policy=config.direct)  # used on the loop's thread only
         self.stubs = Stubs(p2p)
+        # steps go over direct connections from the calling thread itself (no event loop in between)
+        self.direct = BlockingDirectClient(self._direct_offer, policy=config.direct)
+
+    def _direct_offer(self, peer_id: str) -> dict | None:
+        try:
+            stub = self.stubs.get(peer_id)
+        except ValueError:
+            return None
+        timeout = self.direct.connect_timeout_s
+        try:
+            return self.loop.run(fetch_offer(stub, peer_id, timeout), timeout=timeout + 1.0)
+        except TimeoutError:
+            return None
 
     def step(self, peer_id: str, request: bytes, timeout: float | None = None) -> bytes:
         """One step request; `timeout` (a pushed step: the whole chain's) replaces `ClientConfig.step_timeout`."""
         timeout = timeout or self.config.step_timeout
         try:
-            return self.loop.run(call_step(self.stubs.get(peer_id), request, self.direct, peer_id), timeout=timeout)
+            reply = self.direct.step(peer_id, request, timeout)
+            if reply is not None:
+                return reply
+            return self.loop.run(call_step(self.stubs.get(peer_id), request), timeout=timeout)
         except TimeoutError as exc:
             raise PeerUnreachable(f"peer {peer_id} did not answer within {timeout:.1f} s") from exc
         except EmptyStream as exc:
@@ -163,7 +178,7 @@ class SwarmConnection:
         self._closed = True
         atexit.unregister(self.close)
         try:
-            self.loop.loop.call_soon_threadsafe(self.transport.direct.close)
+            self.transport.direct.close()
             self.loop.run(self.p2p.shutdown(), timeout=5)
         except Exception as exc:  # noqa: BLE001 - closing is best effort
             logger.debug("p2p shutdown: %s", exc)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import threading
 import time
 
 import msgpack
@@ -28,8 +29,10 @@ from hivemind.proto import runtime_pb2
 from transformers import AutoModelForCausalLM
 
 from swarm.client import ClientConfig
+from swarm.aio import BackgroundLoop
 from swarm.direct import (
-    FRAME, HELLO, REFUSED, REPLY, STEP, WELCOME, DirectClient, DirectServer, allowed, frame, welcome_mac,
+    FRAME, HELLO, REFUSED, REPLY, STEP, WELCOME, BlockingDirectClient, DirectClient, DirectServer, allowed, frame,
+    welcome_mac,
 )
 from swarm.protocol import RequestRefused
 from swarm.rpc import BlockService, RpcLimits
@@ -243,6 +246,55 @@ def test_the_caller_opens_one_connection_and_falls_back_where_there_is_no_path()
         client.close()
 
     run(main())
+
+
+def test_the_blocking_caller_keeps_one_connection_per_thread_and_falls_back_where_there_is_no_path():
+    """The client's steps go from the calling thread itself (`BlockingDirectClient`): the same handshake and
+    fallbacks as `DirectClient`, a connection per thread, and a failed call leaves no half-used connection."""
+    loop = BackgroundLoop()
+    server, backend = loop.run(start())
+    offers = {"peer-a": lambda: server.issue("erin"), "peer-b": lambda: {**server.issue("erin"), "hosts": ["8.8.8.8"]},
+              "peer-c": lambda: None}
+    asked: list[str] = []
+
+    def get_offer(peer_id):
+        asked.append(peer_id)
+        return offers[peer_id]()
+
+    client = BlockingDirectClient(get_offer)
+    try:
+        assert client.step("peer-a", b"one", 5) == b"erin|one"
+        assert client.step("peer-a", b"two", 5) == b"erin|two"
+        assert asked == ["peer-a"] and server.connections == 1 and client.steps == 2
+        other: list[bytes] = []
+        thread = threading.Thread(target=lambda: other.append(client.step("peer-a", b"three", 5)))
+        thread.start()
+        thread.join(10)
+        assert other == [b"erin|three"] and asked == ["peer-a", "peer-a"]  # its own connection
+        wait_for(lambda: server.connections == 1, "the ended thread's connection to close")
+        # no path: an address the policy forbids, no offer at all; asked again only after retry_s
+        assert client.step("peer-b", b"x", 5) is None and client.step("peer-c", b"x", 5) is None
+        assert client.step("peer-b", b"x", 5) is None and asked.count("peer-b") == 1
+        assert BlockingDirectClient(get_offer, policy="never").step("peer-a", b"x", 5) is None
+        # no reply in time: TimeoutError, and the next call gets a fresh connection, not the late reply
+        with pytest.raises(TimeoutError, match="no reply within 0.3 s"):
+            client.step("peer-a", b"sleep:1", 0.3)
+        assert client.step("peer-a", b"after", 5) == b"erin|after" and asked.count("peer-a") == 3
+        # the peer goes away under a request: ConnectionError; then its port is closed: no path
+        threading.Timer(0.3, lambda: loop.run(server.close())).start()
+        with pytest.raises(ConnectionError):
+            client.step("peer-a", b"sleep:5", 10)
+        assert client.step("peer-a", b"x", 5) is None
+    finally:
+        client.close()
+        loop.close()
+
+
+def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------------------------------
