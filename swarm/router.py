@@ -189,16 +189,72 @@ def build_step(
 # Session state kept by the router
 
 
+# A step whose layer arguments hold at most this many tensor bytes (a decode step) is kept as copies for
+# the replay history; a larger one (a prefill, with its masks) is kept wire-encoded, masks bit-packed.
+SNAPSHOT_COPY_BYTES = 1 << 16
+
+
+@dataclass
+class _CallsSnapshot:
+    """A step's layer arguments as the replay history keeps them: later changes to the caller's objects
+    do not reach them. Copying a decode step's few small tensors costs a fraction of encoding them, and
+    it is on every token's path; a prefill's arguments are encoded, which keeps their masks small."""
+
+    copied: tuple[list, list[int]] | None  # (distinct calls with every tensor cloned, each layer's row)
+    encoded: bytes | None  # or the same, wire-encoded
+    nbytes: int
+
+    @classmethod
+    def of(cls, layer_calls: list[tuple[tuple, dict]]) -> "_CallsSnapshot":
+        calls, index = dedupe_calls(layer_calls)
+        size = _tensor_bytes(calls)
+        if size <= SNAPSHOT_COPY_BYTES:
+            return cls((_clone(calls, {}), index), None, size)
+        encoded = encode_message([calls, index])
+        return cls(None, encoded, len(encoded))
+
+    def expand(self) -> list[tuple[tuple, dict]]:
+        """One (args, kwargs) per layer, as `dedupe_calls` received them (shared rows stay shared)."""
+        calls, index = self.copied if self.copied is not None else decode_message(self.encoded)
+        return [calls[row] for row in index]
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    return 0
+
+
+def _clone(value: Any, memo: dict) -> Any:
+    """A copy of nested tuples, lists and dicts with every tensor cloned (once, however often it appears)."""
+    if isinstance(value, torch.Tensor):
+        copy = memo.get(id(value))
+        if copy is None:
+            copy = memo[id(value)] = value.detach().clone()
+        return copy
+    if isinstance(value, tuple):
+        return tuple(_clone(v, memo) for v in value)
+    if isinstance(value, list):
+        return [_clone(v, memo) for v in value]
+    if isinstance(value, dict):
+        return {k: _clone(v, memo) for k, v in value.items()}
+    return value
+
+
 @dataclass
 class _Step:
     """One step of a session, as needed to replay it on a replacement peer."""
 
     ops: list[tuple[str, Any]]  # cache operations applied before the step, in order
-    calls: bytes | None  # the layer arguments, wire-encoded (None once the history is dropped)
+    calls: _CallsSnapshot | None  # the layer arguments (None once the history is dropped)
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # block position -> hidden entering it
 
     def nbytes(self) -> int:
-        return len(self.calls or b"") + sum(t.numel() * t.element_size() for t in self.inputs.values())
+        return (self.calls.nbytes if self.calls else 0) + sum(t.numel() * t.element_size() for t in self.inputs.values())
 
 
 @dataclass
@@ -318,8 +374,7 @@ class SwarmRouter:
         state.steps.append(step)
         t = len(state.steps) - 1
         if not state.history_dropped:
-            # a snapshot (later changes to the objects do not matter), each distinct argument set once
-            step.calls = encode_message(list(dedupe_calls(layer_calls)))
+            step.calls = _CallsSnapshot.of(layer_calls)
         session.hops = [h.hop for h in state.hops]
         try:
             out = self._run_session_step(session, state, t, layer_calls, attn_implementation, recovery)
@@ -402,7 +457,7 @@ class SwarmRouter:
             raise SessionLost(f"blocks {hop.start}..{hop.end - 1} must be rebuilt on {hop.peer_id}. " + self._lost_reason(session))
         for i in range(shop.synced, t + 1):
             step = state.steps[i]
-            calls = layer_calls if i == t else _expand_calls(decode_message(step.calls))
+            calls = layer_calls if i == t else step.calls.expand()
             request = build_step(
                 hop, step.inputs[hop.start], calls, session, step.ops, attn_implementation,
                 session_id=shop.session_id, new_session=shop.synced == 0, step=i,
@@ -690,12 +745,6 @@ class SwarmRouter:
             self.transport.close_session(peer_id, session_id, wait=wait)
         except Exception as exc:  # noqa: BLE001 - best effort; the peer's session TTL cleans up anyway
             logger.debug("closing session %s on %s failed: %s", session_id, peer_id, exc)
-
-
-def _expand_calls(snapshot: list) -> list[tuple[tuple, dict]]:
-    """Undo `dedupe_calls` on a decoded snapshot: one (args, kwargs) per layer, shared rows stay shared."""
-    calls, index = snapshot
-    return [calls[row] for row in index]
 
 
 class _PeerFailed(Exception):

@@ -29,6 +29,7 @@ from swarm.model import load_client_model
 from swarm.protocol import RemoteError, error_to_wire
 from swarm.router import Bans, PeerUnreachable, ReplyLost, RetryPolicy, SessionLost, SwarmRouter
 from swarm.routing import MissingBlocksError, Span
+from swarm import router as router_module
 from swarm.wire import encode_message
 from tests.disturb import generate_and_disturb, peer_named
 from tests.tiny_models import save_test_llama, save_tiny
@@ -128,7 +129,11 @@ def padded_batch():
 GREEDY = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
 
 
-def test_killed_peer_is_replaced_and_replayed_exactly(llama):
+@pytest.mark.parametrize("kept_as", ["copies", "encoded"])
+def test_killed_peer_is_replaced_and_replayed_exactly(llama, kept_as, monkeypatch):
+    """The replay history keeps small steps' arguments as copies and larger ones wire-encoded: both replay."""
+    if kept_as == "encoded":
+        monkeypatch.setattr(router_module, "SNAPSHOT_COPY_BYTES", -1)
     path, local = llama
     split, peers, transport, _, router = make_split(path, [(0, 3), (3, 6), (3, 6)])
     replicas = {peers[1].peer_id, peers[2].peer_id}
@@ -254,6 +259,31 @@ def test_history_over_its_limit_ends_the_session_clearly(llama):
             split.generate(ids(), **GREEDY)
         with pytest.raises(SessionLost, match="start a new session"):  # and it says so again, not something obscure
             split.generate(ids(), **GREEDY)
+
+
+def test_the_replay_history_is_a_snapshot_of_the_arguments():
+    """Whatever the caller does to its argument objects after a step, a replay sends what the step sent."""
+    rotary = (torch.ones(1, 1, 4), torch.zeros(1, 1, 4))
+    position = torch.tensor([7])
+    layer_calls = [((), {"position_embeddings": rotary, "cache_position": position})] * 3
+    causal = torch.ones(256, 256, dtype=torch.bool).triu(1)
+    big = torch.zeros(1, 1, 256, 256).masked_fill(causal, torch.finfo(torch.float32).min)  # a prefill's mask
+    original = big.clone()  # past the copy limit: kept encoded, bit-packed
+    for calls, kept in ((layer_calls, "copied"), ([((), {"attention_mask": big})] * 3, "encoded")):
+        snapshot = router_module._CallsSnapshot.of(calls)
+        assert getattr(snapshot, kept) is not None
+        for _, kwargs in calls:
+            for value in kwargs.values():
+                (value[0] if isinstance(value, tuple) else value).add_(1)  # the caller reuses its buffers
+        expanded = snapshot.expand()
+        assert len(expanded) == 3 and expanded[0] is expanded[2]  # layers that shared arguments still do
+        if kept == "copied":
+            assert torch.equal(expanded[1][1]["position_embeddings"][0], torch.ones(1, 1, 4))
+            assert torch.equal(expanded[1][1]["cache_position"], torch.tensor([7]))
+        else:
+            assert torch.equal(expanded[1][1]["attention_mask"], original)
+            assert snapshot.nbytes < big.numel() // 4  # a bit per element, not 4 bytes
+    assert router_module._CallsSnapshot.of(layer_calls).nbytes == 4 * 4 + 4 * 4 + 8
 
 
 def test_bans_double_and_expire():
