@@ -1,6 +1,7 @@
-"""Disturbing a generation in progress (kill, freeze a peer) and seeing which peers served it before and after.
+"""Disturbing a generation in progress (kill, freeze a peer) and seeing which peers served it before and after;
+a directory of spans a test can change while the router runs.
 
-Shared by the real-process fault tests (tests/test_reliability.py, tests/test_push.py).
+Shared by the fault tests (tests/test_reliability.py, tests/test_push.py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,16 @@ import threading
 import time
 
 import torch
+
+
+class Directory:
+    """Spans that a test can change while the router runs (the router calls it for the current spans)."""
+
+    def __init__(self, spans):
+        self.spans = list(spans)
+
+    def __call__(self):
+        return list(self.spans)
 
 
 class Progress:

@@ -31,7 +31,7 @@ from swarm.protocol import ChainLink, ProtocolError, StepRequest, StepResponse
 from swarm.router import PeerUnreachable, RetryPolicy, SwarmRouter
 from swarm.routing import MissingBlocksError, Span
 from swarm.wire import CacheRef, decode_message, encode_message
-from tests.disturb import generate_and_disturb, peer_named
+from tests.disturb import Directory, generate_and_disturb, peer_named
 from tests.tiny_models import save_test_llama, save_tiny
 
 FAST = RetryPolicy(ban_base_s=0.5, ban_max_s=2.0, heal_timeout_s=1.0, poll_interval_s=0.05)
@@ -80,14 +80,6 @@ class ChainFaults:
         if peer_id in self.dead or peer_id in self.cut:
             raise PeerUnreachable(f"peer {peer_id} is dead")
         self.inner.close_session(peer_id, session_id)
-
-
-class Directory:
-    def __init__(self, spans):
-        self.spans = list(spans)
-
-    def __call__(self):
-        return list(self.spans)
 
 
 @pytest.fixture(scope="module")

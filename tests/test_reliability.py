@@ -31,7 +31,7 @@ from swarm.router import Bans, PeerUnreachable, ReplyLost, RetryPolicy, SessionL
 from swarm.routing import MissingBlocksError, Span
 from swarm import router as router_module
 from swarm.wire import encode_message
-from tests.disturb import generate_and_disturb, peer_named
+from tests.disturb import Directory, generate_and_disturb, peer_named
 from tests.tiny_models import save_test_llama, save_tiny
 
 FAST = RetryPolicy(ban_base_s=0.5, ban_max_s=2.0, heal_timeout_s=1.0, poll_interval_s=0.05)
@@ -78,16 +78,6 @@ class FaultyTransport:
         if peer_id in self.dead:
             raise PeerUnreachable(f"peer {peer_id} is dead")
         self.inner.close_session(peer_id, session_id)
-
-
-class Directory:
-    """Spans that a test can change while the router runs."""
-
-    def __init__(self, spans):
-        self.spans = list(spans)
-
-    def __call__(self):
-        return list(self.spans)
 
 
 @pytest.fixture(scope="module")
