@@ -258,7 +258,7 @@ class BlockRunner:
                 put(k, reply)
             else:
                 ready.append((k, req, session))
-        for group in self._groups(ready):
+        for group in self._groups(ready) if len(ready) > 1 else [ready]:  # a lone step has nothing to merge with
             if len(group) > 1:
                 try:
                     outs = self._compute_merged([(req, session) for _, req, session in group])
