@@ -157,6 +157,9 @@ class _Pass:
         self.hidden = hidden  # the block-0 input; passed through untouched until the last stub
         self.calls: list[tuple[tuple, dict]] = []  # per layer: (args after hidden, kwargs)
         self.caches: list[tuple[int, Any]] = []  # (layer, cache object) pairs to advance after the step
+        # one reference per session for every layer: layers whose other arguments are shared then have equal
+        # argument sets, which the router sends once (`dedupe_calls` compares by identity)
+        self.refs: dict[str, CacheRef] = {}
 
 
 class BlockCapture:
@@ -223,7 +226,10 @@ class BlockCapture:
             if isinstance(value, Cache):
                 session = bind_session(value, self.router, self.default_max_length)
                 state.caches.append((index, value))
-                return CacheRef(session.session_id)
+                ref = state.refs.get(session.session_id)
+                if ref is None:
+                    ref = state.refs[session.session_id] = CacheRef(session.session_id)
+                return ref
             return value
 
         return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}

@@ -11,9 +11,11 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
 from peer.inprocess import start_local_peers
-from swarm.local import local_router
+from swarm.local import LocalTransport, local_router
+from swarm.protocol import StepRequest
 from swarm.model import load_client_model
 from swarm.remote import UnsupportedOutputError
+from swarm.wire import decode_message
 from tests.tiny_models import NUM_LAYERS, TINY_MODELS, save_tiny
 
 RANGES = [(0, 1), (1, 4), (4, NUM_LAYERS)]  # uneven on purpose
@@ -117,6 +119,31 @@ def test_per_block_outputs_are_refused_not_returned_empty(name, model_dir):
             want, got = local(ids).last_hidden_state, split(ids, output_attentions=False).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert open_sessions(peers) == 0
+
+
+def test_layers_with_the_same_arguments_send_them_once(model_dir):
+    """Every Llama layer gets the same rotary tables, positions, mask and cache: each hop's request carries
+    one argument set for all its layers (the stubs give every layer the same cache reference)."""
+    path = save_tiny("llama", model_dir)
+    peers = start_local_peers(path, RANGES)
+    sent: list[bytes] = []
+
+    class Recording(LocalTransport):
+        def step(self, peer_id, request, timeout=None):
+            sent.append(request)
+            return super().step(peer_id, request, timeout)
+
+    split = load_client_model(
+        path, lambda layout, config: local_router(peers, layout.num_blocks, seed=0, transport=Recording(peers)),
+        auto_class=AutoModelForCausalLM, dtype=torch.float32,
+    )
+    split.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    requests = [StepRequest.from_wire(decode_message(data)) for data in sent]  # pushed: one per step, the hops after
+    hops = [hop for r in requests for hop in [r] + [StepRequest.from_wire({**link.request, "hidden": r.hidden})
+                                                      for link in r.next]]  # ...it nested in `next`
+    assert len(requests) == 3 and sorted({(h.start, h.end) for h in hops}) == RANGES
+    for hop in hops:
+        assert len(hop.calls) == 1 and hop.layer_calls == [0] * (hop.end - hop.start)
 
 
 def test_vision_transformer_matches_local(tmp_path):
