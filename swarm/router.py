@@ -219,13 +219,18 @@ class _CallsSnapshot:
         return [calls[row] for row in index]
 
 
-def _tensor_bytes(value: Any) -> int:
+def _tensor_bytes(value: Any, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensors in nested tuples, lists and dicts (one shared by several layers counts once)."""
+    seen = set() if seen is None else seen
     if isinstance(value, torch.Tensor):
+        if id(value) in seen:
+            return 0
+        seen.add(id(value))
         return value.numel() * value.element_size()
     if isinstance(value, (tuple, list)):
-        return sum(_tensor_bytes(v) for v in value)
+        return sum(_tensor_bytes(v, seen) for v in value)
     if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
+        return sum(_tensor_bytes(v, seen) for v in value.values())
     return 0
 
 
