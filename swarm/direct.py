@@ -70,6 +70,12 @@ def allowed(host: str, policy: str) -> bool:
     return address.is_loopback or address.is_private or address.is_link_local
 
 
+def check_welcome(kind: int, payload: bytes, key: bytes, nonce: bytes) -> None:
+    """The caller's check of the peer's answer to its hello: the peer holds the ticket's key, or it refused."""
+    if kind != WELCOME or not hmac.compare_digest(payload, welcome_mac(key, nonce)):
+        raise DirectRefused(payload.decode(errors="replace")[:300] if kind == REFUSED else "bad welcome")
+
+
 def frame(kind: int, request_id: int, payload: bytes = b"") -> bytes:
     return FRAME.pack(len(payload), kind, request_id) + payload
 
@@ -349,8 +355,7 @@ class DirectClient:
             header = await asyncio.wait_for(reader.readexactly(FRAME.size), self.connect_timeout_s)
             length, kind, _ = FRAME.unpack(header)
             payload = await asyncio.wait_for(reader.readexactly(min(length, 4096)), self.connect_timeout_s)
-            if kind != WELCOME or not hmac.compare_digest(payload, welcome_mac(key, nonce)):
-                raise DirectRefused(payload.decode(errors="replace")[:300] if kind == REFUSED else "bad welcome")
+            check_welcome(kind, payload, key, nonce)
         except Exception as exc:  # noqa: BLE001 - unreachable, refused, or not the peer: use libp2p
             logger.info("direct connection to %s at %s:%s failed (%r); using libp2p", peer_id, host, port, exc)
             if writer is not None:
@@ -417,8 +422,7 @@ class BlockingDirectClient:
                 sock.sendall(frame(HELLO, 0, offer["ticket"] + nonce))
                 length, kind, _ = FRAME.unpack(conn.read(FRAME.size))
                 payload = conn.read(min(length, 4096))
-                if kind != WELCOME or not hmac.compare_digest(payload, welcome_mac(offer["key"], nonce)):
-                    raise DirectRefused(payload.decode(errors="replace")[:300] if kind == REFUSED else "bad welcome")
+                check_welcome(kind, bytes(payload), offer["key"], nonce)
             except Exception as exc:  # noqa: BLE001 - unreachable, refused, or not the peer: try the next, then libp2p
                 logger.info("direct connection to %s at %s:%s failed (%r); using libp2p", peer_id, host, offer["port"], exc)
                 if sock is not None:

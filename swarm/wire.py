@@ -741,7 +741,10 @@ class _LazyTensors:
             plan, nbytes = _plan_tensor(i, proto, self.specs[i], len(buffer), self.limits)
             self.total += nbytes
             if self.total > self.limits.max_total_bytes:
-                _fail(f"tensors add up to {self.total} bytes, limit is {self.limits.max_total_bytes} (Limits.max_total_bytes), at tensor {i}")
+                _fail(
+                    f"tensors add up to {self.total} bytes, limit is {self.limits.max_total_bytes} "
+                    f"(Limits.max_total_bytes), at tensor {i}"
+                )
             tensor = self.built[i] = _build(i, plan, proto, buffer)
         return tensor
 

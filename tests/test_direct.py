@@ -37,6 +37,7 @@ from swarm.direct import (
 from swarm.protocol import RequestRefused
 from swarm.rpc import BlockService, RpcLimits
 from swarm.wire import decode_message
+from tests.processes import wait_until
 from tests.tiny_models import save_test_llama
 
 
@@ -271,7 +272,7 @@ def test_the_blocking_caller_keeps_one_connection_per_thread_and_falls_back_wher
         thread.start()
         thread.join(10)
         assert other == [b"erin|three"] and asked == ["peer-a", "peer-a"]  # its own connection
-        wait_for(lambda: server.connections == 1, "the ended thread's connection to close")
+        wait_until(lambda: server.connections == 1, 10.0, 0.02, "the ended thread's connection closed")
         # no path: an address the policy forbids, no offer at all; asked again only after retry_s
         assert client.step("peer-b", b"x", 5) is None and client.step("peer-c", b"x", 5) is None
         assert client.step("peer-b", b"x", 5) is None and asked.count("peer-b") == 1
@@ -288,13 +289,6 @@ def test_the_blocking_caller_keeps_one_connection_per_thread_and_falls_back_wher
     finally:
         client.close()
         loop.close()
-
-
-def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------------------------------
