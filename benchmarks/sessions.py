@@ -102,7 +102,7 @@ def merged(model) -> dict[str, dict]:
 
 
 def main() -> None:
-    from swarm import AutoDistributedModelForCausalLM
+    from swarm import AutoDistributedModelForCausalLM, ClientConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="medium", choices=list(MODELS))
@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the client and of every peer")
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="peers' --batch-wait-ms (default: theirs)")
+    parser.add_argument("--share-head", action=argparse.BooleanOptionalAction, default=True,
+                        help="the client's sessions share one product of the output layer (ClientConfig.share_head)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -124,12 +126,15 @@ def main() -> None:
                     for r in even_ranges(MODELS[args.model]["num_hidden_layers"], args.peers)]
         for proc in launched:
             procs.wait_ready(proc)
-        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[dht])
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            path, initial_peers=[dht], client_config=ClientConfig(share_head=args.share_head))
         run_sessions(model, prompts[:1], args.new_tokens)  # warm-up
         run_sessions(model, prompts, args.new_tokens)
         single = [args.new_tokens / run_sessions(model, prompts[:1], args.new_tokens) for _ in range(args.runs)]
         many = [args.sessions * args.new_tokens / run_sessions(model, prompts, args.new_tokens) for _ in range(args.runs)]
         counters = merged(model)
+        head = model.swarm_head
+        heads = {"merges": head.merges, "calls_merged": head.merged_calls} if head is not None else None
         import os
 
         pids = {"client": os.getpid(), **{f"peer {r}": proc.popen.pid for r, proc in zip(
@@ -143,11 +148,12 @@ def main() -> None:
     print(f"{'1 session':<24}{s:>10.1f}{1.0:>10.2f}")
     print(f"{f'{args.sessions} concurrent sessions':<24}{m:>10.1f}{m / s:>10.2f}")
     print("peers' merged steps:", counters)
+    print("client's merged output-layer products:", heads)
     print("CPU ms per token, 1 session:", cpu_single)
     print(f"CPU ms per token, {args.sessions} sessions:", cpu_many)
     print(json.dumps({"benchmark": "sessions", "model": args.model, "peers": args.peers, "sessions": args.sessions,
                       "single_tokens_s": round(s, 2), "concurrent_tokens_s": round(m, 2), "ratio": round(m / s, 3),
-                      "merged": counters,
+                      "merged": counters, "share_head": args.share_head, "head_merges": heads,
                       "cpu_ms_per_token_single": cpu_single, "cpu_ms_per_token_concurrent": cpu_many}))
 
 

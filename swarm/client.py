@@ -57,6 +57,7 @@ class ClientConfig:
     push: bool = True  # session steps go to the first peer only, which forwards along the route (one round trip per step)
     direct: str = "private"  # steps over direct TCP connections (swarm.direct) to peers at loopback/private addresses;
     # "always": to any address (unencrypted!), "never": libp2p only
+    share_head: bool = True  # threads' concurrent sessions share one product of the output layer (swarm.shared_head)
 
     def __post_init__(self) -> None:
         wire_dtype(self.wire_dtype)  # a wrong name fails here, not at the first step
@@ -300,6 +301,7 @@ def _from_pretrained(
     connection: SwarmConnection | None = None,
 ):
     from swarm.model import load_client_model
+    from swarm.shared_head import SharedHead
 
     connection = connection or SwarmConnection(initial_peers, client_config)
     key = model_key(str(model_name_or_path), read_config_json(model_name_or_path))
@@ -318,6 +320,7 @@ def _from_pretrained(
     )
     model.swarm_connection = connection
     model.swarm_model_key = key
+    model.swarm_head = SharedHead.attach(model) if client_config.share_head else None
     return model
 
 

@@ -136,7 +136,7 @@ def dedupe_calls(layer_calls: list[tuple[tuple, dict]]) -> tuple[list[tuple[tupl
     calls: list[tuple[tuple, dict]] = []
     index: list[int] = []
     for args, kwargs in layer_calls:
-        key = (tuple(map(id, args)), tuple((k, id(v)) for k, v in kwargs.items()))
+        key = (tuple(map(id, args)), tuple(kwargs), tuple(map(id, kwargs.values())))
         row = rows.get(key)
         if row is None:
             row = rows[key] = len(calls)
