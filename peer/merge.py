@@ -6,10 +6,17 @@ one. Steps that queue up at a peer together are therefore run as one batch when 
 
 Model-agnostic rules (no per-architecture code), decided in docs/decisions.md:
 
-- Steps merge only when they run the same blocks with the same layer-call layout, have hidden states
-  of the same trailing shape and dtype, and their sessions' caches hold the same number of tokens.
-  (Sessions at different positions would need padded caches and rebuilt masks, which depend on the
-  attention implementation: not done.)
+- Steps merge only when they run the same blocks with the same layer-call layout and have hidden states
+  of the same trailing shape and dtype. Their sessions' caches hold the same number of tokens, or the
+  steps are one-token decode steps that can be padded (below).
+- **Sessions at different positions** (`lengths`): each session's keys and values get zero columns in
+  front up to the longest cache, and its attention mask hides them. Only where both are well defined
+  for any model: plain `DynamicLayer` caches (a sliding window's layer counts its tokens, so it never
+  pads), and a mask passed by keyword as `attention_mask`: a 4-d boolean or additive float mask is
+  extended with "masked" columns; none at all (sdpa's "attend to everything" at one query token) becomes
+  a boolean mask, for sdpa only. Anything else cannot pad (e.g. GPT-2 passes its mask by position): those
+  steps merge with the steps at their own position only. Rotary tables and position ids are each
+  session's own and merge by rows; cached keys already carry their rotation.
 - Each layer argument merges value by value: a tensor of 2+ dims whose first dim is every step's own
   batch is concatenated (hidden-state-like, masks, position ids, rotary tables); any other value must
   be equal in all steps and is passed once (e.g. ``cache_position``, flags). Anything else: no merge.
@@ -25,8 +32,13 @@ import copy
 from typing import Any, Sequence
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from swarm.wire import CacheRef
+
+
+MASK_KWARG = "attention_mask"  # the keyword transformers' decoder layers take their mask by
+PADDED_IMPLEMENTATIONS = ("sdpa", "eager")  # attention whose masks padding knows how to extend or build
 
 
 class CannotMerge(Exception):
@@ -56,15 +68,17 @@ def merge_value(values: Sequence[Any], rows: Sequence[int]) -> Any:
     return first
 
 
-def signature(value: Any) -> Any:
+def signature(value: Any, key: str | None = None) -> Any:
     """The structure of a step's arguments (kinds, tensor ranks, dtypes and trailing shapes): steps
-    merge only within one signature, so a step with a padding mask never spoils a group without one."""
+    merge only within one signature, so a step with a padding mask never spoils a group without one.
+    The mask's key length is left out: sessions at different positions may pad (`merge_calls`)."""
     if isinstance(value, torch.Tensor):
-        return ("T", value.dtype, tuple(value.shape[1:]) if value.ndim >= 2 else tuple(value.shape))
+        shape = tuple(value.shape[1:]) if value.ndim >= 2 else tuple(value.shape)
+        return ("T", value.dtype, shape[:-1] if key == MASK_KWARG and value.ndim == 4 else shape)
     if isinstance(value, (tuple, list)):
         return (type(value).__name__, *map(signature, value))
     if isinstance(value, dict):
-        return ("D", *((k, signature(v)) for k, v in value.items()))
+        return ("D", *((k, signature(v, k)) for k, v in value.items()))
     return type(value).__name__
 
 
@@ -72,24 +86,71 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
 
 
-def merge_calls(calls_per_step: Sequence[list[tuple[tuple, dict]]], rows: Sequence[int]) -> list[tuple[tuple, dict]]:
-    """The merged (args, kwargs) rows of steps that share one layer-call layout."""
+def merge_calls(calls_per_step: Sequence[list[tuple[tuple, dict]]], rows: Sequence[int],
+                lengths: Sequence[int] | None = None, attn_implementation: str | None = None) -> list[tuple[tuple, dict]]:
+    """The merged (args, kwargs) rows of steps that share one layer-call layout. `lengths`: each session's
+    cache length, when they differ (one-token decode steps, padded in front up to the longest)."""
     n = len(calls_per_step[0])
     if any(len(c) != n for c in calls_per_step):
         raise CannotMerge("steps have different numbers of distinct layer calls")
+    padded = lengths is not None and len(set(lengths)) > 1
     merged = []
     for i in range(n):
         args = merge_value([tuple(c[i][0]) for c in calls_per_step], rows)
-        kwargs = merge_value([c[i][1] for c in calls_per_step], rows)
+        kwargs_per_step = [c[i][1] for c in calls_per_step]
+        if padded:
+            masks = padded_masks([kw.get(MASK_KWARG, _MISSING) for kw in kwargs_per_step], rows, lengths,
+                                 attn_implementation)
+            kwargs_per_step = [{**kw, MASK_KWARG: m} for kw, m in zip(kwargs_per_step, masks)]
+        kwargs = merge_value(kwargs_per_step, rows)
         merged.append((tuple(args), kwargs))
     return merged
 
 
-def merge_caches(caches: Sequence[Any], layers: range, rows: Sequence[int]) -> Any:
-    """A temporary cache holding every session's rows of `layers`, stacked in the order given."""
+_MISSING = object()
+
+
+def padded_masks(masks: Sequence[Any], rows: Sequence[int], lengths: Sequence[int],
+                 attn_implementation: str | None) -> list[torch.Tensor]:
+    """Each one-token step's attention mask over the longest cache plus its token, hiding its padding."""
+    if attn_implementation not in PADDED_IMPLEMENTATIONS:
+        raise CannotMerge(f"sessions at different positions: no padding for {attn_implementation!r} attention")
+    if any(m is _MISSING for m in masks):
+        raise CannotMerge(f"sessions at different positions: the layers take no {MASK_KWARG!r} keyword to hide padding")
+    keys = max(lengths) + 1
+    if all(m is None for m in masks):
+        if attn_implementation != "sdpa":
+            raise CannotMerge("sessions at different positions: no mask to extend")
+        out = []
+        for r, n in zip(rows, lengths):
+            mask = torch.ones(r, 1, 1, keys, dtype=torch.bool)
+            mask[..., : keys - n - 1] = False
+            out.append(mask)
+        return out
+    out = []
+    for m, r, n in zip(masks, rows, lengths):
+        if not isinstance(m, torch.Tensor) or m.ndim != 4 or m.shape[0] != r or m.shape[-2] != 1 or m.shape[-1] != n + 1:
+            raise CannotMerge(f"sessions at different positions: a {MASK_KWARG} that is not (rows, 1, 1, keys)")
+        if m.dtype == torch.bool:
+            fill = False
+        elif m.is_floating_point():
+            fill = torch.finfo(m.dtype).min
+        else:
+            raise CannotMerge(f"sessions at different positions: a {m.dtype} mask")
+        front = torch.full((*m.shape[:-1], keys - n - 1), fill, dtype=m.dtype, device=m.device)
+        out.append(torch.cat([front, m], dim=-1))
+    return out
+
+
+def merge_caches(caches: Sequence[Any], layers: range, rows: Sequence[int], lengths: Sequence[int] | None = None) -> Any:
+    """A temporary cache holding every session's rows of `layers`, stacked in the order given. `lengths`:
+    each session's token count when they differ; its keys and values are then zero-padded in front."""
     first = caches[0]
     if any(type(c) is not type(first) or len(c.layers) != len(first.layers) for c in caches):
         raise CannotMerge("sessions use different cache classes or layer counts")
+    padded = lengths is not None and len(set(lengths)) > 1
+    if padded:
+        _check_padding(caches, layers, rows, lengths)  # type: ignore[arg-type]
     merged = copy.copy(first)
     merged.layers = list(first.layers)
     for i in layers:
@@ -97,7 +158,11 @@ def merge_caches(caches: Sequence[Any], layers: range, rows: Sequence[int]) -> A
         per_session = [c.layers[i] for c in caches]
         if any(type(l) is not type(layer) or vars(l).keys() != vars(layer).keys() for l in per_session):
             raise CannotMerge(f"cache layer {i} differs in kind between sessions")
+        if padded:
+            _pad_layer(layer, per_session, rows, lengths, i)  # type: ignore[arg-type]
         for name in vars(layer):
+            if padded and name in _PADDED:
+                continue
             vals = [getattr(l, name) for l in per_session]
             if isinstance(vals[0], torch.Tensor):
                 setattr(layer, name, _merge_tensor(vals, rows, min_ndim=1))  # keys/values: (batch, heads, length, dim)
@@ -105,6 +170,38 @@ def merge_caches(caches: Sequence[Any], layers: range, rows: Sequence[int]) -> A
                 raise CannotMerge(f"cache layer {i}: {name} differs between sessions")
         merged.layers[i] = layer
     return merged
+
+
+_PADDED = ("keys", "values")  # a DynamicLayer's tensors: (batch, heads, tokens, head dim)
+
+
+def _check_padding(caches: Sequence[Any], layers: range, rows: Sequence[int], lengths: Sequence[int]) -> None:
+    """Refuse, before anything is copied, what padding does not cover or would not pay for."""
+    for i in layers:
+        kinds = {type(c.layers[i]) for c in caches}
+        if kinds != {DynamicLayer}:
+            raise CannotMerge(f"sessions at different positions: cache layer {i} is a "
+                              f"{'/'.join(sorted(k.__name__ for k in kinds))}, not padded")
+    longest = max(lengths)
+    waste = sum(r * (longest - n) for r, n in zip(rows, lengths))
+    if waste > sum(r * n for r, n in zip(rows, lengths)):  # more padding than tokens: the merge costs more than it saves
+        raise CannotMerge(f"sessions at different positions: {waste} padded tokens would outnumber the cached ones")
+
+
+def _pad_layer(layer, per_session: list, rows: Sequence[int], lengths: Sequence[int], i: int) -> None:
+    """Set `layer`'s keys and values to every session's, stacked, each padded in front to the longest."""
+    longest = max(lengths)
+    offsets = [sum(rows[:k]) for k in range(len(rows))]
+    for name in _PADDED:
+        vals = [getattr(l, name) for l in per_session]
+        if any(not isinstance(v, torch.Tensor) or v.ndim != 4 or v.shape[-2] != n for v, n in zip(vals, lengths)):
+            raise CannotMerge(f"sessions at different positions: cache layer {i} holds other lengths than its sessions")
+        if any(v.shape[1] != vals[0].shape[1] or v.shape[3] != vals[0].shape[3] or v.dtype != vals[0].dtype for v in vals):
+            raise CannotMerge(f"cache layer {i}: {name} of different shapes or dtypes")
+        out = vals[0].new_zeros(sum(rows), vals[0].shape[1], longest, vals[0].shape[3])
+        for v, o, r, n in zip(vals, offsets, rows, lengths):
+            out[o : o + r, :, longest - n :] = v
+        setattr(layer, name, out)
 
 
 def _merge_tensor(values: Sequence[Any], rows: Sequence[int], min_ndim: int) -> torch.Tensor:
@@ -122,17 +219,23 @@ def _merge_tensor(values: Sequence[Any], rows: Sequence[int], min_ndim: int) -> 
     raise CannotMerge(f"a tensor of shape {tuple(first.shape)} differs between steps and is not batch-major")
 
 
-def split_caches(merged: Any, caches: Sequence[Any], layers: range, rows: Sequence[int]) -> None:
-    """Give each session its rows of the merged cache's `layers` back (and the shared attributes)."""
+def split_caches(merged: Any, caches: Sequence[Any], layers: range, rows: Sequence[int],
+                 lengths: Sequence[int] | None = None) -> None:
+    """Give each session its rows of the merged cache's `layers` back (and the shared attributes); when
+    `lengths` differed, without the padding `merge_caches` put in front."""
     total = sum(rows)
     offsets = [sum(rows[:k]) for k in range(len(rows))]
+    padded = lengths is not None and len(set(lengths)) > 1
+    longest = max(lengths) if padded else 0  # type: ignore[arg-type]
     for i in layers:
         source = merged.layers[i]
-        for cache, offset, r in zip(caches, offsets, rows):
+        for k, (cache, offset, r) in enumerate(zip(caches, offsets, rows)):
             target = cache.layers[i]
             for name, value in vars(source).items():
                 if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == total and value.numel():
                     value = value[offset : offset + r]
+                    if padded and name in _PADDED:
+                        value = value[:, :, longest - lengths[k] :]  # type: ignore[index]
                 setattr(target, name, value)
 
 

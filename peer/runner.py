@@ -260,16 +260,7 @@ class BlockRunner:
                 ready.append((k, req, session))
         for group in self._groups(ready) if len(ready) > 1 else [ready]:  # a lone step has nothing to merge with
             if len(group) > 1:
-                try:
-                    outs = self._compute_merged([(req, session) for _, req, session in group])
-                except Exception as exc:  # noqa: BLE001 - sessions' caches are untouched: run them one by one
-                    logger.debug("merged step of %d sessions fell back to single steps: %s", len(group), exc)
-                else:
-                    self.merged_steps += 1
-                    self.merged_rows += sum(req.hidden.shape[0] for _, req, _ in group)
-                    for (k, req, session), hidden in zip(group, outs):
-                        put(k, self._finish(session, hidden))
-                    continue
+                group = self._merge(group, put)  # what could not run merged runs one by one, in arrival order
             for k, req, session in group:
                 try:
                     hidden = self._compute(req, session.cache if session else None)
@@ -280,6 +271,34 @@ class BlockRunner:
                     continue
                 put(k, self._finish(session, hidden))
         return results  # type: ignore[return-value]
+
+    def _merge(self, group: list[tuple[int, StepRequest, Session | None]], put) -> list:
+        """Run a group as one batch if it can; failing that (sessions at different positions that cannot
+        pad), each position's steps as one batch. Returns the steps left to run one by one."""
+        if self._run_merged(group, put):
+            return []
+        by_length: dict[int, list] = {}
+        for entry in group:
+            by_length.setdefault(self._length(entry[1], entry[2]), []).append(entry)
+        if len(by_length) == 1:
+            return group
+        left = []
+        for part in by_length.values():
+            if len(part) < 2 or not self._run_merged(part, put):
+                left += part
+        return sorted(left, key=lambda entry: entry[0])
+
+    def _run_merged(self, group: list[tuple[int, StepRequest, Session | None]], put) -> bool:
+        try:
+            outs = self._compute_merged([(req, session) for _, req, session in group])
+        except Exception as exc:  # noqa: BLE001 - sessions' caches are untouched: they run otherwise
+            logger.debug("merged step of %d sessions did not run: %s", len(group), exc)
+            return False
+        self.merged_steps += 1
+        self.merged_rows += sum(req.hidden.shape[0] for _, req, _ in group)
+        for (k, req, session), hidden in zip(group, outs):
+            put(k, self._finish(session, hidden))
+        return True
 
     def _begin(self, req: StepRequest, owner: str) -> tuple[StepResponse | None, Session | None]:
         """Checks and cache operations before compute: (the kept reply of a repeated step, or None; the session)."""
@@ -333,8 +352,13 @@ class BlockRunner:
         h = req.hidden
         if session is None or h.ndim < 3 or h.shape[1] > self.limits.max_merged_step_tokens:
             return None
-        length = session.cache.get_seq_length(self._first_attention_layer(session.cache, req.start))
+        # one-token steps of sessions at different positions may merge padded (peer.merge); others need equal lengths
+        length = None if h.shape[1] == 1 else self._length(req, session)
         return (req.start, req.end, tuple(req.layer_calls), tuple(h.shape[1:]), h.dtype, length, signature(req.calls))
+
+    def _length(self, req: StepRequest, session: Session | None) -> int:
+        """Tokens the session's cache holds in this request's first attention layer."""
+        return session.cache.get_seq_length(self._first_attention_layer(session.cache, req.start)) if session else 0
 
     def _compute_merged(self, group: list[tuple[StepRequest, Session]]) -> list[torch.Tensor]:
         """One forward for several sessions' steps; each session's cache gets its rows back only if it all worked."""
@@ -342,16 +366,17 @@ class BlockRunner:
         caches = [session.cache for _, session in group]
         layers = range(group[0][0].start, group[0][0].end)
         first = group[0][0]
+        lengths = [self._length(req, session) for req, session in group]
         merged_req = StepRequest(
             start=first.start,
             end=first.end,
             hidden=torch.cat([req.hidden for req, _ in group]),
-            calls=merge_calls([req.calls for req, _ in group], rows),
+            calls=merge_calls([req.calls for req, _ in group], rows, lengths, self.attn_implementation),
             layer_calls=first.layer_calls,
         )
-        merged_cache = merge_caches(caches, layers, rows)
+        merged_cache = merge_caches(caches, layers, rows, lengths)
         hidden = self._compute(merged_req, merged_cache)
-        split_caches(merged_cache, caches, layers, rows)
+        split_caches(merged_cache, caches, layers, rows, lengths)
         return split_rows(hidden, rows)
 
     def _compute(self, req: StepRequest, cache) -> torch.Tensor:

@@ -28,6 +28,13 @@ CAUSAL = [name for name, m in TINY_MODELS.items() if m.causal]
 # BLOOM's ALiBi tensor has batch x heads rows, folded into one dim: not recognisably batch-major, so its
 # steps never merge (docs/performance.md); they still run, one by one.
 NOT_MERGED = {"bloom"}
+# Sessions at different positions merge padded where a peer's cache layers are all plain DynamicLayers and
+# its layers take their mask as `attention_mask` (peer/merge.py); elsewhere such steps run one by one.
+# Merged decode steps per peer (0:2, 2:5, 5:6) where not all 11: sliding-window layers (Qwen2's after
+# `max_window_layers`, Gemma 2/3's every other layer) never pad; GPT-2 passes its mask by position; BLOOM's
+# ALiBi never merges.
+PADDED_EXCEPT = {"qwen2-sliding": [11, 0, 0], "gemma2": [0, 0, 11], "gemma3": [0, 0, 11], "gpt2": [0, 0, 0],
+                 "bloom": [0, 0, 0]}
 
 
 class LockstepTransport:
@@ -125,8 +132,34 @@ def test_merged_decode_steps_match_local(name, tmp_path):
     assert all(p.handler.runner.merged_rows == 12 * 4 for p in peers)
 
 
+@pytest.mark.parametrize("name", CAUSAL)
+def test_sessions_at_different_positions_match_local(name, tmp_path):
+    """Prompts of 7, 10 and 13 tokens: the decode steps meet at different positions on every peer."""
+    spec = TINY_MODELS[name]
+    path = save_tiny(name, tmp_path)
+    kwargs = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+    peers = start_local_peers(path, RANGES, attn_implementation=spec.attn_implementation)
+    transport = LockstepTransport(peers, parties=3)
+    models = clients(path, peers, transport, 3, spec)
+    vocab = local.config.vocab_size
+    pad = local.config.pad_token_id if local.config.pad_token_id is not None else 0
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, vocab, (1, n), generator=g) for n in (7, 10, 13)]
+    gen = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=pad)
+
+    got = run_together([lambda m=m, p=p: m.generate(p, **gen) for m, p in zip(models, prompts)])
+    for p, out in zip(prompts, got):
+        assert torch.equal(out, local.generate(p, **gen))
+    assert max(transport.batch_sizes) == 3
+    merged = [p.handler.runner.merged_steps for p in peers]
+    # 11 decode steps per peer, each with all three sessions padded to the longest (prefills never pad)
+    assert merged == PADDED_EXCEPT.get(name, [11, 11, 11]), f"merged steps {merged} (batches {transport.batch_sizes})"
+
+
 def test_sessions_that_cannot_merge_still_match(tmp_path):
-    """A left-padded batch next to an unpadded session, and sessions at different positions: run apart, exactly."""
+    """A left-padded batch next to unpadded sessions at two other positions: the padded batch runs apart
+    (its mask is a tensor, theirs none), the other two merge padded; all exactly."""
     spec = TINY_MODELS["llama"]
     path = save_tiny("llama", tmp_path)
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -149,4 +182,64 @@ def test_sessions_that_cannot_merge_still_match(tmp_path):
     assert torch.equal(got[1], local.generate(short, **gen))
     assert torch.equal(got[2], local.generate(other, **gen))
     assert max(transport.batch_sizes) == 3  # they did reach the peers together
-    assert [p.handler.runner.merged_steps for p in peers] == [0, 0, 0]  # but never ran as one batch
+    runners = [p.handler.runner for p in peers]
+    # 9 decode steps of the two unpadded sessions, merged; the padded batch's 2 rows never joined them
+    assert [r.merged_steps for r in runners] == [9, 9, 9] and [r.merged_rows for r in runners] == [18, 18, 18]
+
+
+def _cache(length: int, rows: int = 1, seed: int = 0):
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(seed)
+    cache = DynamicCache()
+    for layer in range(2):
+        cache.update(torch.randn(rows, 2, length, 4, generator=g), torch.randn(rows, 2, length, 4, generator=g), layer)
+    return cache
+
+
+def test_padded_caches_round_trip_and_hide_nothing_real():
+    from peer.merge import merge_caches, split_caches
+
+    caches, rows, lengths = [_cache(3, seed=1), _cache(5, rows=2, seed=2)], [1, 2], [3, 5]
+    before = [[(l.keys.clone(), l.values.clone()) for l in c.layers] for c in caches]
+    merged = merge_caches(caches, range(2), rows, lengths)
+    assert merged.layers[0].keys.shape == (3, 2, 5, 4)
+    assert not merged.layers[0].keys[0, :, :2].any()  # the shorter session's padding: zeros in front
+    assert torch.equal(merged.layers[0].keys[0, :, 2:], before[0][0][0][0])
+    new = torch.randn(3, 2, 1, 4)
+    for i in range(2):  # what a forward does: one new column for every row
+        merged.update(new, new, i)
+    split_caches(merged, caches, range(2), rows, lengths)
+    for c, b, r, n in zip(caches, before, rows, lengths):
+        for layer, (k, v) in zip(c.layers, b):
+            assert layer.keys.shape == (r, 2, n + 1, 4)
+            assert torch.equal(layer.keys[:, :, :n], k) and torch.equal(layer.values[:, :, :n], v)
+    assert torch.equal(caches[0].layers[1].keys[:, :, -1:], new[:1])
+    assert torch.equal(caches[1].layers[1].keys[:, :, -1:], new[1:])
+
+
+def test_padding_that_would_outweigh_the_tokens_is_refused():
+    from peer.merge import CannotMerge, merge_caches
+
+    with pytest.raises(CannotMerge, match="padded tokens would outnumber"):
+        merge_caches([_cache(2), _cache(2), _cache(30)], range(2), [1, 1, 1], [2, 2, 30])  # 56 padded, 34 real
+
+
+def test_padded_masks_per_kind():
+    from peer.merge import CannotMerge, padded_masks
+
+    rows, lengths = [1, 2], [3, 5]
+    built = padded_masks([None, None], rows, lengths, "sdpa")  # sdpa's "attend to all": a boolean mask
+    assert built[0].tolist() == [[[[False, False, True, True, True, True]]]] and built[1].shape == (2, 1, 1, 6)
+    assert built[1].all()
+    floats = padded_masks([torch.zeros(1, 1, 1, 4), torch.zeros(2, 1, 1, 6)], rows, lengths, "eager")
+    assert floats[0][0, 0, 0, :2].eq(torch.finfo(torch.float32).min).all() and not floats[0][0, 0, 0, 2:].any()
+    with pytest.raises(CannotMerge, match="no mask to extend"):
+        padded_masks([None, None], rows, lengths, "eager")
+    with pytest.raises(CannotMerge, match="take no 'attention_mask'"):
+        from peer.merge import _MISSING
+        padded_masks([_MISSING, _MISSING], rows, lengths, "sdpa")
+    with pytest.raises(CannotMerge, match="no padding for 'flash_attention_2'"):
+        padded_masks([None, None], rows, lengths, "flash_attention_2")
+    with pytest.raises(CannotMerge, match="not \\(rows, 1, 1, keys\\)"):
+        padded_masks([torch.zeros(1, 1, 1, 9), torch.zeros(2, 1, 1, 6)], rows, lengths, "eager")
