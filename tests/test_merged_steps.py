@@ -103,8 +103,10 @@ def run_together(jobs):
     return results
 
 
-@pytest.mark.parametrize("name", CAUSAL)
-def test_merged_decode_steps_match_local(name, tmp_path):
+def generate_together(name: str, tmp_path, shapes: list[tuple[int, int]], seed: int):
+    """Three clients generate greedily at once through 3 lock-step in-process peers, one prompt of each
+    (rows, tokens) shape; every client's tokens must equal the unsplit model's. Returns the peers and the
+    transport, for their counters."""
     spec = TINY_MODELS[name]
     path = save_tiny(name, tmp_path)
     kwargs = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
@@ -114,16 +116,22 @@ def test_merged_decode_steps_match_local(name, tmp_path):
     models = clients(path, peers, transport, 3, spec)
     vocab = local.config.vocab_size
     pad = local.config.pad_token_id if local.config.pad_token_id is not None else 0
-    g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(3, vocab, (1, 10), generator=g) for _ in range(2)]
-    prompts.append(torch.randint(3, vocab, (2, 10), generator=g))  # a batch of 2 in one session: merges by rows
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, shape, generator=g) for shape in shapes]
     gen = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=pad)
 
     got = run_together([lambda m=m, p=p: m.generate(p, **gen) for m, p in zip(models, prompts)])
     for p, out in zip(prompts, got):
         assert torch.equal(out, local.generate(p, **gen))
-    merged = [p.handler.runner.merged_steps for p in peers]
     assert max(transport.batch_sizes) == 3  # the three sessions' steps did reach the peers together
+    return peers, transport
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_merged_decode_steps_match_local(name, tmp_path):
+    # two sessions of one row and a batch of 2 in one session (merges by rows), all at the same position
+    peers, transport = generate_together(name, tmp_path, [(1, 10), (1, 10), (2, 10)], seed=7)
+    merged = [p.handler.runner.merged_steps for p in peers]
     if name in NOT_MERGED:
         assert merged == [0, 0, 0]  # they ran one by one (the documented fallback), exactly
         return
@@ -135,23 +143,7 @@ def test_merged_decode_steps_match_local(name, tmp_path):
 @pytest.mark.parametrize("name", CAUSAL)
 def test_sessions_at_different_positions_match_local(name, tmp_path):
     """Prompts of 7, 10 and 13 tokens: the decode steps meet at different positions on every peer."""
-    spec = TINY_MODELS[name]
-    path = save_tiny(name, tmp_path)
-    kwargs = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
-    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
-    peers = start_local_peers(path, RANGES, attn_implementation=spec.attn_implementation)
-    transport = LockstepTransport(peers, parties=3)
-    models = clients(path, peers, transport, 3, spec)
-    vocab = local.config.vocab_size
-    pad = local.config.pad_token_id if local.config.pad_token_id is not None else 0
-    g = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(3, vocab, (1, n), generator=g) for n in (7, 10, 13)]
-    gen = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=pad)
-
-    got = run_together([lambda m=m, p=p: m.generate(p, **gen) for m, p in zip(models, prompts)])
-    for p, out in zip(prompts, got):
-        assert torch.equal(out, local.generate(p, **gen))
-    assert max(transport.batch_sizes) == 3
+    peers, transport = generate_together(name, tmp_path, [(1, 7), (1, 10), (1, 13)], seed=11)
     merged = [p.handler.runner.merged_steps for p in peers]
     # 11 decode steps per peer, each with all three sessions padded to the longest (prefills never pad)
     assert merged == PADDED_EXCEPT.get(name, [11, 11, 11]), f"merged steps {merged} (batches {transport.batch_sizes})"
