@@ -14,7 +14,9 @@ The rules, so that nobody pays for it:
   that may come), never longer than its own rows take to compute alone; a lone session never waits;
 - a group is merged only while merging that many rows is not measured slower than computing the rows of
   each caller separately (on this CPU two rows cost more than twice one: `docs/performance.md`); such a
-  group computes separately, each caller in its own thread, and is tried merged again now and then.
+  group computes separately, each caller in its own thread, and is tried merged again now and then;
+- a merged product that fails (out of memory, say) lets every caller compute its own, and whatever happens
+  to the caller that leads a group, no other caller is left waiting for it.
 
 The results equal the per-caller ones up to float rounding: a matrix product of more rows may sum in a
 different order (the exactness tests compare tokens and `allclose` logits against the local model).
@@ -109,52 +111,57 @@ class SharedHead:
         if args or kwargs or not isinstance(input, torch.Tensor) or input.dim() == 0 or torch.is_grad_enabled():
             return self._forward(input, *args, **kwargs)
         call = _Call(input)
+        group: _Group | None = None
         with self._cond:
-            group = self._open
-            if group is not None and group.accepts(input):
-                group.calls.append(call)
+            if self._open is not None and self._open.accepts(input):  # a leader is gathering: join it
+                self._open.calls.append(call)
                 self._cond.notify_all()
                 while call.result is None:
                     self._cond.wait()
                 if call.result is not _ALONE:
                     return call.result
-                group = None
-            elif self._inside > 1 and group is None:
+            elif self._open is None and self._inside > 1:  # others may come: lead a group
                 group = self._open = _Group([call])
-                self._gather(group)
-            else:
-                group = None
-        if group is None or len(group.calls) == 1:
+        if group is None:
             return self._alone(input)
-        return self._run(group)
+        try:
+            self._gather(group)
+            return self._run(group)
+        finally:  # whatever happened to the leader, nobody stays waiting for it
+            with self._cond:
+                if self._open is group:
+                    self._open = None
+            self._release([c for c in group.calls[1:] if c.result is None], None)
 
     def _gather(self, group: _Group) -> None:
-        """The leader's wait (lock held): until every thread inside the model's forward has joined, or the bound."""
-        lone = self._cost.get(group.calls[0].rows)
-        bound = self.wait_s if self.wait_s is not None else lone
-        if bound:
-            deadline = self.clock() + bound
-            while len(group.calls) < self._inside:
-                left = deadline - self.clock()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-        self._open = None  # later callers start the next group
+        """The leader's wait: until every thread inside the model's forward has joined, or the bound."""
+        with self._cond:
+            lone = self._cost.get(group.calls[0].rows)
+            bound = self.wait_s if self.wait_s is not None else lone
+            if bound:
+                deadline = self.clock() + bound
+                while len(group.calls) < self._inside:
+                    left = deadline - self.clock()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            self._open = None  # later callers start the next group
 
     def _run(self, group: _Group) -> torch.Tensor:
-        """The leader computes its group: merged, or each member alone when merging it does not pay."""
+        """The leader computes its group: merged, or each member alone when merging it does not pay
+        (members not answered here compute their own: `forward`'s `finally`)."""
         calls = group.calls
         sizes = [c.rows for c in calls]
-        if not self._worth_merging(sizes):
+        if len(calls) == 1 or not self._worth_merging(sizes):
             self._release(calls[1:], None)
             return self._alone(calls[0].input)
+        start = self.clock()
         try:
-            start = self.clock()
             out = self._forward(torch.cat([c.input.reshape(-1, c.input.shape[-1]) for c in calls]))
-            self._note(sum(sizes), self.clock() - start)
-        except BaseException:
-            self._release(calls[1:], None)  # each computes its own and meets its own error, if any
-            raise
+        except Exception:  # noqa: BLE001 - e.g. out of memory for the merged rows: each computes its own
+            self._release(calls[1:], None)
+            return self._alone(calls[0].input)
+        self._note(sum(sizes), self.clock() - start)
         parts = [part.view(*c.input.shape[:-1], part.shape[-1]) for c, part in zip(calls, out.split(sizes))]
         self._release(calls[1:], parts[1:])
         self.merges += 1

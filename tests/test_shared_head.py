@@ -111,6 +111,24 @@ def test_a_caller_that_does_not_fit_meets_its_own_error_and_the_others_are_serve
         assert torch.allclose(got[k], want[k], atol=1e-6, rtol=1e-5)
 
 
+class Picky(nn.Module):
+    """Row-wise, but fails on more than one row (as an out-of-memory error would on a merged product)."""
+
+    def forward(self, x):
+        if x.numel() // x.shape[-1] > 1:
+            raise RuntimeError("out of memory (simulated)")
+        return x + 1
+
+
+def test_a_merged_product_that_fails_lets_every_caller_compute_its_own():
+    head = Picky()
+    model = Model(head, 3)
+    shared = SharedHead(model, head, wait_s=30)
+    got = run_together(model, [torch.zeros(1, 4), torch.ones(1, 4), torch.full((1, 4), 2.0)])
+    assert shared.merges == 0
+    assert [g.tolist() for g in got] == [[[1.0] * 4], [[2.0] * 4], [[3.0] * 4]]
+
+
 def test_groups_measured_not_worth_merging_are_computed_separately():
     head = Sleepy()
     model = Model(head, 2)
