@@ -30,6 +30,7 @@ def test_make_bench_summary_reads_every_benchmarks_line():
          "extra_hop_ms": {"small push": 1.45}},
         {"benchmark": "pipeline", "local": 276, "sequential": 281, "pipelined": 440, "speedup": 1.565},
         {"benchmark": "sessions", "sessions": 8, "ratio": 2.222},
+        {"benchmark": "sessions", "sessions": 8, "ratio": 2.614, "mixed_lengths": True},
         {"benchmark": "wire_size", "decode 2x1": 1.2765},
         {"benchmark": "peer_memory", "ratio": 1.011},
     ]
@@ -40,5 +41,6 @@ def test_make_bench_summary_reads_every_benchmarks_line():
     assert table["extra hop per token, small push"] == ("1.45 ms", "<= 1.0 ms")
     assert table["forward 8x128, pipelined vs the same route without"] == ("1.56x", ">= 1.6x")
     assert table["8 concurrent sessions vs one, tokens/s"] == ("2.22x", ">= 3x")
+    assert table["8 concurrent sessions vs one, tokens/s, prompts of mixed lengths"] == ("2.61x", ">= 3x")
     assert table["bytes per hop / hidden state bytes, decode 2x1"] == ("1.28x", "-")
     assert table["peer's peak memory added / its blocks' bytes"] == ("1.01x", "<= 1.3x")
