@@ -1,7 +1,7 @@
 """Load: 16 concurrent client sessions of 64 tokens each against 3 real peer processes.
 
 An 8-block Llama served as 0:3, 3:6, 6:8; one client process runs 16 `generate` calls in 16 threads
-(each its own session on every peer). All must finish within the bound and equal the local model's
+(each its own session on every peer), with prompts of 8 to 11 tokens. All must finish within the bound and equal the local model's
 tokens. Prints p50/p99 time per token (the gaps between a session's decoded tokens) and each peer's
 peak memory (the peer process's VmHWM; and the PSS of its process tree: peer, DHT process, p2p daemon).
 """
@@ -83,7 +83,8 @@ def test_16_concurrent_sessions_of_64_tokens_on_3_peers(model):
     from swarm import AutoDistributedModelForCausalLM
 
     local = AutoModelForCausalLM.from_pretrained(model).eval()
-    prompts = [torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(i)) for i in range(SESSIONS)]
+    # prompts of 8 to 11 tokens: the sessions' steps meet at different positions (merged padded, peer/merge.py)
+    prompts = [torch.randint(3, 128, (1, 8 + i % 4), generator=torch.Generator().manual_seed(i)) for i in range(SESSIONS)]
     greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     want = [local.generate(p, **greedy) for p in prompts]
 
@@ -113,7 +114,9 @@ def test_16_concurrent_sessions_of_64_tokens_on_3_peers(model):
             wall = time.monotonic() - began
             memory = [memory_kib(p.popen.pid) for p in peers]
             transport = client.swarm_connection.transport
-            merged = {span.peer_id: transport.info(span.peer_id)["merged_steps"] for span in client.swarm_capture.router.spans()}
+            infos = {span.peer_id: transport.info(span.peer_id) for span in client.swarm_capture.router.spans()}
+            merged = {peer: info["merged_steps"] for peer, info in infos.items()}
+            rows = {peer: info["merged_rows"] for peer, info in infos.items()}
         finally:
             client.swarm_connection.close()
 
@@ -124,6 +127,8 @@ def test_16_concurrent_sessions_of_64_tokens_on_3_peers(model):
     assert not wrong, f"sessions {wrong} differ from the local model"
     # the peers ran some of the sessions' decode steps merged into one batch (peer/merge.py), and exactly
     assert len(merged) == 3 and all(m > 0 for m in merged.values()), merged
+    # only 4 sessions share each prompt length: merges of more rows spanned positions (padded)
+    assert all(rows[p] > 4 * merged[p] for p in merged), (rows, merged)
 
     # clock.times[0]: the prompt; [1]: the first new token (after the prefill); then one per decode step
     ttft = [c.times[1] - c.times[0] for c in clocks]
