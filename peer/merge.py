@@ -12,10 +12,11 @@ Model-agnostic rules (no per-architecture code), decided in docs/decisions.md:
 - **Sessions at different positions** (`lengths`): each session's keys and values get zero columns in
   front up to the longest cache, and its attention mask hides them. Only where both are well defined
   for any model: plain `DynamicLayer` caches (a sliding window's layer counts its tokens, so it never
-  pads), and a mask passed by keyword as `attention_mask`: a 4-d boolean or additive float mask is
-  extended with "masked" columns; none at all (sdpa's "attend to everything" at one query token) becomes
-  a boolean mask, for sdpa only. Anything else cannot pad (e.g. GPT-2 passes its mask by position): those
-  steps merge with the steps at their own position only. Rotary tables and position ids are each
+  pads), and a mask the layer takes as `attention_mask` (by keyword, or by position where its forward's
+  signature names it there, as GPT-2's does): a 4-d boolean or additive float mask is extended with
+  "masked" columns; none at all (sdpa's "attend to everything" at one query token) becomes a boolean
+  mask, for sdpa only. Anything else cannot pad: those steps merge with the steps at their own position
+  only. Rotary tables and position ids are each
   session's own and merge by rows; cached keys already carry their rotation.
 - Each layer argument merges value by value: a tensor of 2+ dims whose first dim is every step's own
   batch is concatenated (hidden-state-like, masks, position ids, rotary tables); any other value must
@@ -29,6 +30,8 @@ Model-agnostic rules (no per-architecture code), decided in docs/decisions.md:
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -87,24 +90,44 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def merge_calls(calls_per_step: Sequence[list[tuple[tuple, dict]]], rows: Sequence[int],
-                lengths: Sequence[int] | None = None, attn_implementation: str | None = None) -> list[tuple[tuple, dict]]:
+                lengths: Sequence[int] | None = None, attn_implementation: str | None = None,
+                mask_index: int | None = None) -> list[tuple[tuple, dict]]:
     """The merged (args, kwargs) rows of steps that share one layer-call layout. `lengths`: each session's
-    cache length, when they differ (one-token decode steps, padded in front up to the longest)."""
+    cache length, when they differ (one-token decode steps, padded in front up to the longest); the mask
+    is the `attention_mask` keyword, or positional argument `mask_index` (`mask_position`)."""
     n = len(calls_per_step[0])
     if any(len(c) != n for c in calls_per_step):
         raise CannotMerge("steps have different numbers of distinct layer calls")
     padded = lengths is not None and len(set(lengths)) > 1
     merged = []
     for i in range(n):
-        args = merge_value([tuple(c[i][0]) for c in calls_per_step], rows)
+        args_per_step = [tuple(c[i][0]) for c in calls_per_step]
         kwargs_per_step = [c[i][1] for c in calls_per_step]
         if padded:
-            masks = padded_masks([kw.get(MASK_KWARG, _MISSING) for kw in kwargs_per_step], rows, lengths,
-                                 attn_implementation)
-            kwargs_per_step = [{**kw, MASK_KWARG: m} for kw, m in zip(kwargs_per_step, masks)]
+            by_position = mask_index is not None and all(
+                MASK_KWARG not in kw and len(a) > mask_index for a, kw in zip(args_per_step, kwargs_per_step))
+            found = ([a[mask_index] for a in args_per_step] if by_position  # type: ignore[index]
+                     else [kw.get(MASK_KWARG, _MISSING) for kw in kwargs_per_step])
+            masks = padded_masks(found, rows, lengths, attn_implementation)  # type: ignore[arg-type]
+            if by_position:
+                args_per_step = [a[:mask_index] + (m,) + a[mask_index + 1 :] for a, m in zip(args_per_step, masks)]  # type: ignore[operator]
+            else:
+                kwargs_per_step = [{**kw, MASK_KWARG: m} for kw, m in zip(kwargs_per_step, masks)]
+        args = merge_value(args_per_step, rows)
         kwargs = merge_value(kwargs_per_step, rows)
         merged.append((tuple(args), kwargs))
     return merged
+
+
+@functools.lru_cache(maxsize=64)
+def mask_position(block_class: type) -> int | None:
+    """Where `block(hidden, *args)` takes `attention_mask` among `args`, from its class's forward signature
+    (self, hidden, then args; None: not positionally). GPT-2's blocks are called with their mask by position."""
+    try:
+        names = list(inspect.signature(block_class.forward).parameters)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return names.index(MASK_KWARG) - 2 if MASK_KWARG in names[2:] else None
 
 
 _MISSING = object()

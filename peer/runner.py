@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from peer.loader import LoadedBlocks
-from peer.merge import merge_caches, merge_calls, signature, split_caches, split_rows
+from peer.merge import mask_position, merge_caches, merge_calls, signature, split_caches, split_rows
 from swarm.protocol import ProtocolError, RequestRefused, StepRequest, StepResponse
 from swarm.wire import CacheRef
 
@@ -371,7 +371,8 @@ class BlockRunner:
             start=first.start,
             end=first.end,
             hidden=torch.cat([req.hidden for req, _ in group]),
-            calls=merge_calls([req.calls for req, _ in group], rows, lengths, self.attn_implementation),
+            calls=merge_calls([req.calls for req, _ in group], rows, lengths, self.attn_implementation,
+                              mask_position(type(self.loaded.blocks[first.start - self.start]))),
             layer_calls=first.layer_calls,
         )
         merged_cache = merge_caches(caches, layers, rows, lengths)

@@ -31,10 +31,9 @@ NOT_MERGED = {"bloom"}
 # Sessions at different positions merge padded where a peer's cache layers are all plain DynamicLayers and
 # its layers take their mask as `attention_mask` (peer/merge.py); elsewhere such steps run one by one.
 # Merged decode steps per peer (0:2, 2:5, 5:6) where not all 11: sliding-window layers (Qwen2's after
-# `max_window_layers`, Gemma 2/3's every other layer) never pad; GPT-2 passes its mask by position; BLOOM's
-# ALiBi never merges.
-PADDED_EXCEPT = {"qwen2-sliding": [11, 0, 0], "gemma2": [0, 0, 11], "gemma3": [0, 0, 11], "gpt2": [0, 0, 0],
-                 "bloom": [0, 0, 0]}
+# `max_window_layers`, Gemma 2/3's every other layer) never pad; BLOOM's ALiBi never merges. (GPT-2 passes
+# its mask by position: found by its blocks' signature.)
+PADDED_EXCEPT = {"qwen2-sliding": [11, 0, 0], "gemma2": [0, 0, 11], "gemma3": [0, 0, 11], "bloom": [0, 0, 0]}
 
 
 class LockstepTransport:
@@ -235,3 +234,14 @@ def test_padded_masks_per_kind():
         padded_masks([None, None], rows, lengths, "flash_attention_2")
     with pytest.raises(CannotMerge, match="not \\(rows, 1, 1, keys\\)"):
         padded_masks([torch.zeros(1, 1, 1, 9), torch.zeros(2, 1, 1, 6)], rows, lengths, "eager")
+
+
+def test_the_mask_is_found_by_position_where_a_block_takes_it_so():
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from peer.merge import mask_position
+
+    assert mask_position(GPT2Block) == 1  # block(hidden, past_key_values, attention_mask, ...)
+    assert mask_position(LlamaDecoderLayer) == 0  # by keyword in practice; its signature allows position 0
+    assert mask_position(torch.nn.Linear) is None
