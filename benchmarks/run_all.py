@@ -30,11 +30,12 @@ def headlines(results: list[dict]) -> list[tuple[str, str, str]]:
     gen = by_name.get("generate")
     if gen:
         ratios = {(r["model"], r["setup"]): r for r in gen["rows"]}
+        two_peers = {m: ratios.get((m, "swarm 2 peers push")) or ratios.get((m, "swarm 2 peers")) for m in ("medium", "small")}
         for model, target in (("medium", "<= 1.10x"), ("small", "<= 2.0x")):
-            row = ratios.get((model, "swarm 2 peers push")) or ratios.get((model, "swarm 2 peers"))
+            row = two_peers[model]
             if row:
                 out.append((f"{model} decode time per token, 2 peers vs local", f"{row['tpot_ratio']:.2f}x", target))
-        row = ratios.get(("medium", "swarm 2 peers push")) or ratios.get(("medium", "swarm 2 peers"))
+        row = two_peers["medium"]
         if row:
             out.append(("medium time to first token, 2 peers vs local", f"{row['ttft_ratio']:.2f}x", "<= 1.15x"))
         for key, ms in gen.get("extra_hop_ms", {}).items():

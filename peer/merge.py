@@ -93,22 +93,21 @@ def merge_calls(calls_per_step: Sequence[list[tuple[tuple, dict]]], rows: Sequen
                 lengths: Sequence[int] | None = None, attn_implementation: str | None = None,
                 mask_index: int | None = None) -> list[tuple[tuple, dict]]:
     """The merged (args, kwargs) rows of steps that share one layer-call layout. `lengths`: each session's
-    cache length, when they differ (one-token decode steps, padded in front up to the longest); the mask
-    is the `attention_mask` keyword, or positional argument `mask_index` (`mask_position`)."""
+    cache length where they differ (one-token decode steps, padded in front up to the longest; None: all
+    equal); the mask is the `attention_mask` keyword, or positional argument `mask_index` (`mask_position`)."""
     n = len(calls_per_step[0])
     if any(len(c) != n for c in calls_per_step):
         raise CannotMerge("steps have different numbers of distinct layer calls")
-    padded = lengths is not None and len(set(lengths)) > 1
     merged = []
     for i in range(n):
         args_per_step = [tuple(c[i][0]) for c in calls_per_step]
         kwargs_per_step = [c[i][1] for c in calls_per_step]
-        if padded:
+        if lengths is not None:
             by_position = mask_index is not None and all(
                 MASK_KWARG not in kw and len(a) > mask_index for a, kw in zip(args_per_step, kwargs_per_step))
             found = ([a[mask_index] for a in args_per_step] if by_position  # type: ignore[index]
                      else [kw.get(MASK_KWARG, _MISSING) for kw in kwargs_per_step])
-            masks = padded_masks(found, rows, lengths, attn_implementation)  # type: ignore[arg-type]
+            masks = padded_masks(found, rows, lengths, attn_implementation)
             if by_position:
                 args_per_step = [a[:mask_index] + (m,) + a[mask_index + 1 :] for a, m in zip(args_per_step, masks)]  # type: ignore[operator]
             else:
@@ -167,13 +166,13 @@ def padded_masks(masks: Sequence[Any], rows: Sequence[int], lengths: Sequence[in
 
 def merge_caches(caches: Sequence[Any], layers: range, rows: Sequence[int], lengths: Sequence[int] | None = None) -> Any:
     """A temporary cache holding every session's rows of `layers`, stacked in the order given. `lengths`:
-    each session's token count when they differ; its keys and values are then zero-padded in front."""
+    each session's token count where they differ (None: all equal); its keys and values are then
+    zero-padded in front."""
     first = caches[0]
     if any(type(c) is not type(first) or len(c.layers) != len(first.layers) for c in caches):
         raise CannotMerge("sessions use different cache classes or layer counts")
-    padded = lengths is not None and len(set(lengths)) > 1
-    if padded:
-        _check_padding(caches, layers, rows, lengths)  # type: ignore[arg-type]
+    if lengths is not None:
+        _check_padding(caches, layers, rows, lengths)
     merged = copy.copy(first)
     merged.layers = list(first.layers)
     for i in layers:
@@ -181,10 +180,10 @@ def merge_caches(caches: Sequence[Any], layers: range, rows: Sequence[int], leng
         per_session = [c.layers[i] for c in caches]
         if any(type(l) is not type(layer) or vars(l).keys() != vars(layer).keys() for l in per_session):
             raise CannotMerge(f"cache layer {i} differs in kind between sessions")
-        if padded:
-            _pad_layer(layer, per_session, rows, lengths, i)  # type: ignore[arg-type]
+        if lengths is not None:
+            _pad_layer(layer, per_session, rows, lengths, i)
         for name in vars(layer):
-            if padded and name in _PADDED:
+            if lengths is not None and name in _PADDED:
                 continue
             vals = [getattr(l, name) for l in per_session]
             if isinstance(vals[0], torch.Tensor):
@@ -244,12 +243,11 @@ def _merge_tensor(values: Sequence[Any], rows: Sequence[int], min_ndim: int) -> 
 
 def split_caches(merged: Any, caches: Sequence[Any], layers: range, rows: Sequence[int],
                  lengths: Sequence[int] | None = None) -> None:
-    """Give each session its rows of the merged cache's `layers` back (and the shared attributes); when
-    `lengths` differed, without the padding `merge_caches` put in front."""
+    """Give each session its rows of the merged cache's `layers` back (and the shared attributes); with
+    `lengths` (they differed), without the padding `merge_caches` put in front."""
     total = sum(rows)
     offsets = [sum(rows[:k]) for k in range(len(rows))]
-    padded = lengths is not None and len(set(lengths)) > 1
-    longest = max(lengths) if padded else 0  # type: ignore[arg-type]
+    longest = max(lengths) if lengths is not None else 0
     for i in layers:
         source = merged.layers[i]
         for k, (cache, offset, r) in enumerate(zip(caches, offsets, rows)):
@@ -257,8 +255,8 @@ def split_caches(merged: Any, caches: Sequence[Any], layers: range, rows: Sequen
             for name, value in vars(source).items():
                 if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == total and value.numel():
                     value = value[offset : offset + r]
-                    if padded and name in _PADDED:
-                        value = value[:, :, longest - lengths[k] :]  # type: ignore[index]
+                    if lengths is not None and name in _PADDED:
+                        value = value[:, :, longest - lengths[k] :]
                 setattr(target, name, value)
 
 

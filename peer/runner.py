@@ -367,17 +367,18 @@ class BlockRunner:
         layers = range(group[0][0].start, group[0][0].end)
         first = group[0][0]
         lengths = [self._length(req, session) for req, session in group]
+        padded = lengths if len(set(lengths)) > 1 else None  # None: nothing to pad
         merged_req = StepRequest(
             start=first.start,
             end=first.end,
             hidden=torch.cat([req.hidden for req, _ in group]),
-            calls=merge_calls([req.calls for req, _ in group], rows, lengths, self.attn_implementation,
+            calls=merge_calls([req.calls for req, _ in group], rows, padded, self.attn_implementation,
                               mask_position(type(self.loaded.blocks[first.start - self.start]))),
             layer_calls=first.layer_calls,
         )
-        merged_cache = merge_caches(caches, layers, rows, lengths)
+        merged_cache = merge_caches(caches, layers, rows, padded)
         hidden = self._compute(merged_req, merged_cache)
-        split_caches(merged_cache, caches, layers, rows, lengths)
+        split_caches(merged_cache, caches, layers, rows, padded)
         return split_rows(hidden, rows)
 
     def _compute(self, req: StepRequest, cache) -> torch.Tensor:

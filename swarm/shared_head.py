@@ -37,6 +37,11 @@ _ALONE = object()  # a member's result when its group was not merged: it compute
 _EMA = 0.2  # weight of the newest timing in the running averages
 
 
+def _rows(x: torch.Tensor) -> int:
+    """Rows a row-wise layer computes for `x`: every dim but the last."""
+    return x.numel() // x.shape[-1]
+
+
 @dataclass
 class _Call:
     input: torch.Tensor
@@ -44,7 +49,7 @@ class _Call:
 
     @property
     def rows(self) -> int:
-        return self.input.numel() // self.input.shape[-1]
+        return _rows(self.input)
 
 
 @dataclass
@@ -177,7 +182,7 @@ class SharedHead:
     def _alone(self, input: torch.Tensor) -> torch.Tensor:
         start = self.clock()
         out = self._forward(input)
-        self._note(input.numel() // input.shape[-1], self.clock() - start)
+        self._note(_rows(input), self.clock() - start)
         return out
 
     def _note(self, rows: int, seconds: float) -> None:
