@@ -19,6 +19,9 @@ Models: "small" Llama (hidden 256, 4 layers, vocab 1000) and "medium" (hidden 10
 Push (`ClientConfig.push`: the client sends each step to the first peer, which forwards it along the
 route): on by default; `--no-push` measures the client-driven path (one round trip per hop), and
 `--compare-push` measures both against the same peers, one client after the other.
+
+Linear kernels (`--linear-kernel`, `swarm.fast_linear`): the peers, the client and the local model all
+use the same setting, so that the ratios compare the swarm with the same computation run locally.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from swarm import AutoDistributedModelForCausalLM, ClientConfig
+    from swarm.fast_linear import KERNELS, speed_up_linears
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["small", "medium"], choices=list(MODELS))
@@ -109,6 +113,8 @@ def main() -> None:
     parser.add_argument("--push", action=argparse.BooleanOptionalAction, default=True,
                         help="session steps pushed along the route by the peers (ClientConfig.push)")
     parser.add_argument("--compare-push", action="store_true", help="measure the swarm with push and without")
+    parser.add_argument("--linear-kernel", choices=KERNELS, default="auto",
+                        help="peers', client's and local model's fp32 linear kernel (swarm.fast_linear)")
     args = parser.parse_args()
     modes = [True, False] if args.compare_push else [args.push]
     torch.set_num_threads(args.threads)
@@ -118,12 +124,15 @@ def main() -> None:
         for name in args.models:
             path = build(name, Path(tmp))
             local = AutoModelForCausalLM.from_pretrained(path).eval()
+            if args.linear_kernel == "auto":
+                speed_up_linears(local)
             local_samples = []
             layers = MODELS[name]["num_hidden_layers"]
             for k in args.peers:
                 with SwarmProcesses() as procs:
                     dht = procs.start_dht()
-                    launched = [procs.start_peer(path, dht, r, "--num-threads", str(args.threads), wait=False)
+                    launched = [procs.start_peer(path, dht, r, "--num-threads", str(args.threads),
+                                                 "--linear-kernel", args.linear_kernel, wait=False)
                                 for r in even_ranges(layers, k)]
                     for proc in launched:
                         procs.wait_ready(proc)
@@ -131,7 +140,7 @@ def main() -> None:
                     for push in modes:
                         setup = f"swarm {k} peer{'s' * (k > 1)}" + ("" if len(modes) == 1 else " push" if push else " no push")
                         models[setup] = AutoDistributedModelForCausalLM.from_pretrained(
-                            path, initial_peers=[dht], client_config=ClientConfig(push=push))
+                            path, initial_peers=[dht], client_config=ClientConfig(push=push, linear_kernel=args.linear_kernel))
                     samples = measure_rounds(models, prompt, args.new_tokens, args.runs)
                     for setup, model in models.items():
                         if setup != "local":

@@ -10,6 +10,9 @@ machine's speed drifts over minutes; pairing cancels that).
 The base model is measured (hidden states out, as an encoder or embedding job would use it): the
 LM head runs on the client after every block, for the whole batch, in any case; with a 32000-token
 vocabulary it is as much work as ~3 of the 12 blocks and would only dilute what pipelining changes.
+
+Linear kernels (`--linear-kernel`, `swarm.fast_linear`): the peers, the client and the local model all use
+the same setting, so that "x local" compares the swarm with the same computation run locally.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def main() -> None:
 
     from swarm import AutoDistributedModel
     from swarm.client import ClientConfig
+    from swarm.fast_linear import KERNELS, speed_up_linears
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="medium", choices=list(MODELS))
@@ -60,6 +64,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parts", type=int, default=None, help="micro-batches (default: automatic)")
+    parser.add_argument("--linear-kernel", choices=KERNELS, default="auto",
+                        help="peers', client's and local model's fp32 linear kernel (swarm.fast_linear)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ids = torch.randint(3, 1000, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
@@ -67,16 +73,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = build(args.model, Path(tmp))
         models = {"local": AutoModel.from_pretrained(path).eval()}
+        if args.linear_kernel == "auto":
+            speed_up_linears(models["local"])
         with SwarmProcesses() as procs:
             dht = procs.start_dht()
             half = layers // 2
-            launched = [procs.start_peer(path, dht, r, "--num-threads", str(args.threads), wait=False)
+            launched = [procs.start_peer(path, dht, r, "--num-threads", str(args.threads),
+                                         "--linear-kernel", args.linear_kernel, wait=False)
                         for r in (f"0:{half}", f"{half}:{layers}")]
             for proc in launched:
                 procs.wait_ready(proc)
             for name, parts in (("sequential", 1), ("pipelined", args.parts)):
                 models[name] = AutoDistributedModel.from_pretrained(
-                    path, initial_peers=[dht], client_config=ClientConfig(microbatches=parts))
+                    path, initial_peers=[dht], client_config=ClientConfig(microbatches=parts, linear_kernel=args.linear_kernel))
             times = rounds(models, ids, args.runs)
             for name in ("sequential", "pipelined"):
                 models[name].swarm_connection.close()

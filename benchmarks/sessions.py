@@ -104,6 +104,7 @@ def merged(model) -> dict[str, dict]:
 
 def main() -> None:
     from swarm import AutoDistributedModelForCausalLM, ClientConfig
+    from swarm.fast_linear import KERNELS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="medium", choices=list(MODELS))
@@ -117,6 +118,8 @@ def main() -> None:
                         help="prompts of 16, 19, 22, ... tokens: the sessions' steps meet at different positions")
     parser.add_argument("--share-head", action=argparse.BooleanOptionalAction, default=True,
                         help="the client's sessions share one product of the output layer (ClientConfig.share_head)")
+    parser.add_argument("--linear-kernel", choices=KERNELS, default="auto",
+                        help="peers' and client's fp32 linear kernel (swarm.fast_linear)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -126,13 +129,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, SwarmProcesses() as procs:
         path = build(args.model, Path(tmp))
         dht = procs.start_dht()
-        extra = ["--batch-wait-ms", str(args.batch_wait_ms)] if args.batch_wait_ms is not None else []
+        extra = ["--linear-kernel", args.linear_kernel]
+        extra += ["--batch-wait-ms", str(args.batch_wait_ms)] if args.batch_wait_ms is not None else []
         launched = [procs.start_peer(path, dht, r, "--num-threads", str(args.threads), *extra, wait=False)
                     for r in even_ranges(MODELS[args.model]["num_hidden_layers"], args.peers)]
         for proc in launched:
             procs.wait_ready(proc)
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            path, initial_peers=[dht], client_config=ClientConfig(share_head=args.share_head))
+            path, initial_peers=[dht], client_config=ClientConfig(share_head=args.share_head, linear_kernel=args.linear_kernel))
         run_sessions(model, prompts[:1], args.new_tokens)  # warm-up
         run_sessions(model, prompts, args.new_tokens)
         single = [args.new_tokens / run_sessions(model, prompts[:1], args.new_tokens) for _ in range(args.runs)]

@@ -48,6 +48,9 @@ def register(sub) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=50.0,
                    help="while other sessions are active, a decode step may wait this long (at most one batch's "
                         "compute time) for theirs, to run them as one batch (default: 50; 0: never wait)")
+    p.add_argument("--linear-kernel", choices=("auto", "torch"), default="auto",
+                   help="fp32 CPU linear layers over several rows (merged sessions, prefills): 'auto' runs them on "
+                        "oneDNN from the rows where it measures faster at start-up; 'torch': torch's own kernel")
     p.add_argument("--attn-implementation", default=None, help="transformers attention implementation")
     p.add_argument("--gpus-per-peer", type=int, default=None, metavar="K",
                    help="multi-GPU host: start one peer process per group of K GPUs (round-robin through "
@@ -98,6 +101,7 @@ def run_one(args: argparse.Namespace) -> int:
         attn_implementation=args.attn_implementation,
         num_threads=args.num_threads,
         batch_wait_ms=args.batch_wait_ms,
+        linear_kernel=args.linear_kernel,
         direct=args.direct,
         direct_port=args.direct_port,
         use_auto_relay=args.use_auto_relay,
@@ -116,7 +120,7 @@ FORWARDED_OPTIONS = [  # (argparse dest, flag) of every option a child peer gets
     ("device", "--device"), ("dtype", "--dtype"), ("max_memory", "--max-memory"), ("cache_tokens", "--cache-tokens"),
     ("activation_reserve", "--activation-reserve"), ("host", "--host"), ("announce_period", "--announce-period"),
     ("num_threads", "--num-threads"), ("attn_implementation", "--attn-implementation"),
-    ("batch_wait_ms", "--batch-wait-ms"), ("direct", "--direct"),
+    ("batch_wait_ms", "--batch-wait-ms"), ("linear_kernel", "--linear-kernel"), ("direct", "--direct"),
 ]
 
 

@@ -34,6 +34,7 @@ from swarm.protocol import RequestRefused, error_to_wire
 from swarm.records import PeerRecord, model_key
 from swarm.registry import announce_peer, get_peers, local_peer_id, make_dht, read_control
 from swarm.direct import DirectClient, DirectServer
+from swarm.fast_linear import speed_up_linears
 from swarm.rpc import BlockService
 from swarm.splitting import load_config, read_config_json
 from swarm.wire import encode_message
@@ -68,6 +69,8 @@ class PeerConfig:
     direct: str = "private"  # direct TCP connections (swarm.direct): accept them, and forward over them to peers at
     # loopback/private addresses; "always": to any address (unencrypted), "never": libp2p only, no listener
     direct_port: int = 0  # TCP port of the direct listener (on `host`); 0: any free port
+    linear_kernel: str = "auto"  # fp32 CPU linear layers over several rows: "auto": oneDNN where measured faster
+    # (swarm.fast_linear), "torch": torch's own kernel
     batch_wait_ms: float = 50.0  # a step may wait this long (and at most one batch's time) for other active sessions' steps
     limits: RunnerLimits = field(default_factory=RunnerLimits)
 
@@ -193,7 +196,10 @@ class PeerServer:
 
     def _load(self, start: int, end: int):
         cfg = self.config
-        return load_blocks(cfg.model, start, end, dtype=self.dtype, device=cfg.device, attn_implementation=cfg.attn_implementation)
+        loaded = load_blocks(cfg.model, start, end, dtype=self.dtype, device=cfg.device, attn_implementation=cfg.attn_implementation)
+        if cfg.linear_kernel == "auto":
+            speed_up_linears(loaded.blocks)
+        return loaded
 
     def _serve_range(self, start: int, end: int) -> None:
         limits = dataclasses.replace(self.config.limits, max_cache_tokens=self.config.cache_tokens)

@@ -31,6 +31,8 @@ from swarm.router import PeerUnreachable, ReplyLost, RetryPolicy, SwarmRouter
 from swarm.routing import Span
 from swarm.direct import POLICIES as DIRECT_POLICIES
 from swarm.direct import BlockingDirectClient, fetch_offer
+from swarm.fast_linear import KERNELS as LINEAR_KERNELS
+from swarm.fast_linear import speed_up_linears
 from swarm.rpc import EmptyStream, Stubs, call_step
 from swarm.splitting import read_config_json
 
@@ -58,11 +60,15 @@ class ClientConfig:
     direct: str = "private"  # steps over direct TCP connections (swarm.direct) to peers at loopback/private addresses;
     # "always": to any address (unencrypted!), "never": libp2p only
     share_head: bool = True  # threads' concurrent sessions share one product of the output layer (swarm.shared_head)
+    linear_kernel: str = "auto"  # the client's fp32 CPU linear layers (the output layer) over several rows: "auto":
+    # oneDNN where measured faster at load (swarm.fast_linear), "torch": torch's own kernel
 
     def __post_init__(self) -> None:
         wire_dtype(self.wire_dtype)  # a wrong name fails here, not at the first step
         if self.direct not in DIRECT_POLICIES:
             raise ValueError(f"direct must be one of {', '.join(DIRECT_POLICIES)}, got {self.direct!r}")
+        if self.linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {self.linear_kernel!r}")
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
@@ -320,6 +326,8 @@ def _from_pretrained(
     )
     model.swarm_connection = connection
     model.swarm_model_key = key
+    if client_config.linear_kernel == "auto":
+        speed_up_linears(model)  # before the shared head takes the output layer's forward
     model.swarm_head = SharedHead.attach(model) if client_config.share_head else None
     return model
 
