@@ -99,6 +99,7 @@ class PeerServer:
         self.dht = None
         self.runner: BlockRunner | None = None
         self.handler: StepHandler | None = None
+        self.linear_rows: dict[str, int | None] = {}  # by weight shape "out x in": rows from which oneDNN runs it
         self.state = "joining"
         self._compute = ComputeQueue(
             self._run_many, expect=self._active_sessions, max_wait_s=config.batch_wait_ms / 1e3
@@ -162,6 +163,7 @@ class PeerServer:
             "forward_failures": self.forwarder.failed if self.forwarder else 0,
             "direct_port": self._service.direct.port if self._service and self._service.direct else None,
             "direct_steps": self._service.direct.steps if self._service and self._service.direct else 0,
+            "linear_kernel_rows": self.linear_rows,
             "version": __version__,
         }
 
@@ -198,7 +200,7 @@ class PeerServer:
         cfg = self.config
         loaded = load_blocks(cfg.model, start, end, dtype=self.dtype, device=cfg.device, attn_implementation=cfg.attn_implementation)
         if cfg.linear_kernel == "auto":
-            speed_up_linears(loaded.blocks)
+            self.linear_rows = {f"{out}x{in_}": rows for (out, in_), rows in speed_up_linears(loaded.blocks).items()}
         return loaded
 
     def _serve_range(self, start: int, end: int) -> None:

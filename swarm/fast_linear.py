@@ -62,11 +62,23 @@ def _fastest(fn: Callable[[], object], clock: Callable[[], float]) -> float:
     return best
 
 
+def fewest_rows(timings: dict[int, tuple[float, float]], margin: float = MARGIN) -> int | None:
+    """From seconds (torch's, oneDNN's) by rows: the fewest rows from which oneDNN was faster (by `margin`)
+    at every larger measured size; None: not faster at the largest."""
+    found = None
+    for rows in sorted(timings, reverse=True):
+        theirs, ours = timings[rows]
+        if ours > margin * theirs:
+            break
+        found = rows
+    return found
+
+
 def min_rows_for(weight: torch.Tensor, bias: torch.Tensor | None, rows: tuple[int, ...] = MEASURED_ROWS,
                  clock: Callable[[], float] = time.perf_counter) -> int | None:
-    """The fewest rows from which oneDNN computes `F.linear(x, weight, bias)` faster than torch at every
-    larger measured size; None: not faster at the largest (or its result is not torch's)."""
-    found = None
+    """Times both kernels on `weight` at `rows`, the most first, until oneDNN is not faster (see
+    `fewest_rows`); None also where oneDNN fails or its result is not torch's."""
+    timings = {}
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n in sorted(rows, reverse=True):
@@ -79,12 +91,11 @@ def min_rows_for(weight: torch.Tensor, bias: torch.Tensor | None, rows: tuple[in
             if not torch.allclose(ours, F.linear(x, weight, bias), rtol=1e-4, atol=1e-4):
                 logger.warning("oneDNN linear differs from torch's for %s; not used", tuple(weight.shape))
                 return None
-            theirs_s = _fastest(lambda: F.linear(x, weight, bias), clock)
-            ours_s = _fastest(lambda: onednn_linear(x, weight, bias), clock)
-            if ours_s > MARGIN * theirs_s:
+            timings[n] = (_fastest(lambda: F.linear(x, weight, bias), clock),
+                          _fastest(lambda: onednn_linear(x, weight, bias), clock))
+            if timings[n][1] > MARGIN * timings[n][0]:  # not faster here: fewer rows do not matter
                 break
-            found = n
-    return found
+    return fewest_rows(timings)
 
 
 def _switch(layer: nn.Linear, min_rows: int) -> None:
@@ -105,7 +116,19 @@ def _eligible(layer: nn.Module) -> bool:
             and weight.device.type == "cpu" and "forward" not in layer.__dict__)
 
 
-def speed_up_linears(module: nn.Module, measure: Callable[..., int | None] = min_rows_for
+_measured: dict[tuple[int, int, bool], int | None] = {}  # this process's measurements, by (out, in, bias)
+
+
+def _measured_once(weight: torch.Tensor, bias: torch.Tensor | None) -> int | None:
+    """`min_rows_for`, once per shape per process (a peer loads blocks again when it measures its throughput
+    and when it moves to another range)."""
+    key = (*weight.shape, bias is not None)
+    if key not in _measured:
+        _measured[key] = min_rows_for(weight, bias)
+    return _measured[key]
+
+
+def speed_up_linears(module: nn.Module, measure: Callable[..., int | None] = _measured_once
                      ) -> dict[tuple[int, int], int | None]:
     """Switch `module`'s eligible linear layers to oneDNN from the rows where it was measured faster (see the
     module docstring). Returns, by weight shape (out, in), those rows (None: kept on torch's kernel)."""
@@ -126,4 +149,4 @@ def speed_up_linears(module: nn.Module, measure: Callable[..., int | None] = min
     return shapes
 
 
-__all__ = ["KERNELS", "available", "min_rows_for", "onednn_linear", "speed_up_linears"]
+__all__ = ["KERNELS", "available", "fewest_rows", "min_rows_for", "onednn_linear", "speed_up_linears"]

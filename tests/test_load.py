@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from swarm.fast_linear import MEASURED_ROWS
 from tests.processes import SwarmProcesses
 from tests.tiny_models import save_test_llama
 
@@ -117,6 +118,7 @@ def test_16_concurrent_sessions_of_64_tokens_on_3_peers(model):
             infos = {span.peer_id: transport.info(span.peer_id) for span in client.swarm_capture.router.spans()}
             merged = {peer: info["merged_steps"] for peer, info in infos.items()}
             rows = {peer: info["merged_rows"] for peer, info in infos.items()}
+            kernels = [info["linear_kernel_rows"] for info in infos.values()]
         finally:
             client.swarm_connection.close()
 
@@ -129,6 +131,8 @@ def test_16_concurrent_sessions_of_64_tokens_on_3_peers(model):
     assert len(merged) == 3 and all(m > 0 for m in merged.values()), merged
     # only 4 sessions share each prompt length: merges of more rows spanned positions (padded)
     assert all(rows[p] > 4 * merged[p] for p in merged), (rows, merged)
+    # every peer measured its linear layers' kernels (swarm.fast_linear): the Llama's four weight shapes
+    assert all(len(k) == 4 and all(r is None or r in MEASURED_ROWS for r in k.values()) for k in kernels), kernels
 
     # clock.times[0]: the prompt; [1]: the first new token (after the prefill); then one per decode step
     ttft = [c.times[1] - c.times[0] for c in clocks]

@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertModel
 
 from swarm import AutoDistributedModel, AutoDistributedModelForCausalLM
 from swarm.client import SwarmConnection
-from swarm.protocol import RemoteError, StepRequest
+from swarm.protocol import StepRequest
 from swarm.wire import CacheRef, decode_message, encode_message
 from tests.processes import SwarmProcesses, wait_until
 from tests.tiny_models import save_test_llama
