@@ -98,16 +98,26 @@ def min_rows_for(weight: torch.Tensor, bias: torch.Tensor | None, rows: tuple[in
     return fewest_rows(timings)
 
 
-def _switch(layer: nn.Linear, min_rows: int) -> None:
-    own = layer.forward
+class FastLinear(nn.Linear):
+    """An `nn.Linear` that computes inputs of `min_rows` rows or more on oneDNN (see the module docstring).
 
-    def forward(input: torch.Tensor) -> torch.Tensor:
-        if (input.dtype is torch.float32 and input.device.type == "cpu" and input.dim() > 0
-                and input.numel() >= min_rows * input.shape[-1] and not torch.is_grad_enabled()):
-            return onednn_linear(input, layer.weight, layer.bias)
-        return own(input)
+    `speed_up_linears` turns layers into this class in place (their `__class__`), so that copies, pickles,
+    state dicts and `isinstance(layer, nn.Linear)` work as before."""
 
-    layer.forward = forward
+    min_rows: int
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if (input.dtype is torch.float32 and weight.dtype is torch.float32 and input.device.type == "cpu"
+                and weight.device.type == "cpu" and input.dim() > 0
+                and input.numel() >= self.min_rows * input.shape[-1] and not torch.is_grad_enabled()):
+            return onednn_linear(input, weight, self.bias)
+        return super().forward(input)
+
+    @classmethod
+    def switch(cls, layer: nn.Linear, min_rows: int) -> None:
+        layer.__class__ = cls
+        layer.min_rows = min_rows
 
 
 def _eligible(layer: nn.Module) -> bool:
@@ -142,11 +152,11 @@ def speed_up_linears(module: nn.Module, measure: Callable[..., int | None] = _me
         if key not in found:
             found[key] = measure(layer.weight, layer.bias)
         if found[key] is not None:
-            _switch(layer, found[key])
+            FastLinear.switch(layer, found[key])
     shapes = {key[:2]: rows for key, rows in found.items()}
     if shapes:
         logger.info("linear layers on oneDNN from these rows (shape: rows; None: torch's kernel): %s", shapes)
     return shapes
 
 
-__all__ = ["KERNELS", "available", "fewest_rows", "min_rows_for", "onednn_linear", "speed_up_linears"]
+__all__ = ["KERNELS", "FastLinear", "available", "fewest_rows", "min_rows_for", "onednn_linear", "speed_up_linears"]

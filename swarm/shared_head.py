@@ -72,8 +72,7 @@ class SharedHead:
                  clock: Callable[[], float] = time.perf_counter):
         self.head = head
         self.wait_s, self.clock = wait_s, clock
-        self._forward = head.forward  # the layer's forward, as it was
-        self._own = head.__dict__.get("forward")  # set on the instance before (swarm.fast_linear), kept by detach
+        self._forward = head.forward  # the layer's own forward, as it was
         self._cond = threading.Condition()
         self._inside = 0  # threads inside the model's forward: those that may call the head soon
         self._open: _Group | None = None  # the group a caller may still join
@@ -95,13 +94,10 @@ class SharedHead:
         return cls(model, head, **kwargs)
 
     def detach(self) -> None:
-        """Give the layer its forward back."""
+        """Give the layer its own forward back."""
         for hook in self._hooks:
             hook.remove()
-        if self._own is not None:
-            self.head.forward = self._own
-        else:
-            self.head.__dict__.pop("forward", None)
+        self.head.__dict__.pop("forward", None)
 
     # ---- counting who may come --------------------------------------------------------------------
 
