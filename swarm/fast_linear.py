@@ -99,7 +99,8 @@ def min_rows_for(weight: torch.Tensor, bias: torch.Tensor | None, rows: tuple[in
 
 
 class FastLinear(nn.Linear):
-    """An `nn.Linear` that computes inputs of `min_rows` rows or more on oneDNN (see the module docstring).
+    """An `nn.Linear` that computes inputs of `min_rows` rows or more on oneDNN (see the module docstring);
+    anything else, a misfit input included (torch's error message is the clear one), goes to torch's.
 
     `speed_up_linears` turns layers into this class in place (their `__class__`), so that copies, pickles,
     state dicts and `isinstance(layer, nn.Linear)` work as before."""
@@ -109,7 +110,7 @@ class FastLinear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (input.dtype is torch.float32 and weight.dtype is torch.float32 and input.device.type == "cpu"
-                and weight.device.type == "cpu" and input.dim() > 0
+                and weight.device.type == "cpu" and input.dim() > 0 and input.shape[-1] == weight.shape[1]
                 and input.numel() >= self.min_rows * input.shape[-1] and not torch.is_grad_enabled()):
             return onednn_linear(input, weight, self.bias)
         return super().forward(input)

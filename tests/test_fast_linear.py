@@ -84,6 +84,9 @@ def test_switched_layers_use_onednn_from_their_rows_and_equal_torch():
         loaded = torch.load(buffer, weights_only=False)
         x = torch.randn(8, 32)
         assert ONEDNN in ops(lambda: loaded(x)) and torch.equal(loaded(x), model(x))
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # torch's message, not oneDNN's
+            model(torch.randn(8, 31))
+        assert model(torch.randn(0, 32)).shape == (0, 16)
 
 
 def test_autograd_other_dtypes_subclasses_and_replaced_forwards_keep_torch():
