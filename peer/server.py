@@ -34,6 +34,7 @@ from swarm.protocol import RequestRefused, error_to_wire
 from swarm.records import PeerRecord, model_key
 from swarm.registry import announce_peer, get_peers, local_peer_id, make_dht, read_control
 from swarm.direct import DirectClient, DirectServer
+from swarm.fast_linear import KERNELS as LINEAR_KERNELS
 from swarm.fast_linear import speed_up_linears
 from swarm.rpc import BlockService
 from swarm.splitting import load_config, read_config_json
@@ -73,6 +74,10 @@ class PeerConfig:
     # (swarm.fast_linear), "torch": torch's own kernel
     batch_wait_ms: float = 50.0  # a step may wait this long (and at most one batch's time) for other active sessions' steps
     limits: RunnerLimits = field(default_factory=RunnerLimits)
+
+    def __post_init__(self) -> None:
+        if self.linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {self.linear_kernel!r}")
 
 
 def direct_hosts(maddrs: list[str]) -> list[str]:

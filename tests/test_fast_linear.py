@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.profiler import profile
 
+from peer.server import PeerConfig
 from swarm.client import ClientConfig
 from swarm.fast_linear import (KERNELS, MEASURED_ROWS, FastLinear, available, fewest_rows, min_rows_for,
                                 speed_up_linears)
@@ -139,8 +140,11 @@ def test_the_shared_head_shares_a_switched_layer():
         assert ONEDNN in ops(lambda: model(torch.randn(1, 2, 32)))
 
 
-def test_client_config_checks_the_setting():
+def test_client_and_peer_configs_check_the_setting():
     assert KERNELS == ("auto", "torch")
     ClientConfig(linear_kernel="torch")
+    PeerConfig(model="m", linear_kernel="torch")
     with pytest.raises(ValueError, match="linear_kernel must be one of auto, torch"):
         ClientConfig(linear_kernel="mkl")
+    with pytest.raises(ValueError, match="linear_kernel must be one of auto, torch"):
+        PeerConfig(model="m", linear_kernel="mkl")
