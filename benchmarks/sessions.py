@@ -2,8 +2,9 @@
 
 Peers are real `swarm run-peer` processes on 127.0.0.1 (one torch thread each); the client is this
 process, one distributed model used from several threads at once, one inference session per thread.
-Greedy, batch 1 per session, 16-token prompts (different per session; --mixed-lengths: 16, 19, 22, ...
-tokens, so that the sessions' steps meet at different positions), fp32, medium Llama by default.
+Greedy, batch 1 per session, 16-token prompts (different per session; --prompt-tokens N: N tokens;
+--mixed-lengths: N, N+3, N+6, ... tokens, so that the sessions' steps meet at different positions), fp32,
+medium Llama by default.
 
 - single: tokens/s of one `generate(max_new_tokens=N)` (session opening and prefill included);
 - concurrent: total new tokens / wall time of --sessions such calls started together.
@@ -98,7 +99,8 @@ def merged(model) -> dict[str, dict]:
     out = {}
     for span in model.swarm_capture.router.spans():
         info = transport.info(span.peer_id)
-        out[f"{info['start']}:{info['end']}"] = {"merged_steps": info.get("merged_steps"), "merged_rows": info.get("merged_rows")}
+        out[f"{info['start']}:{info['end']}"] = {"merged_steps": info.get("merged_steps"), "merged_rows": info.get("merged_rows"),
+                                            "merged_in_place": info.get("merged_in_place")}
     return out
 
 
@@ -114,8 +116,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the client and of every peer")
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="peers' --batch-wait-ms (default: theirs)")
+    parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (the shortest, with --mixed-lengths)")
     parser.add_argument("--mixed-lengths", action="store_true",
-                        help="prompts of 16, 19, 22, ... tokens: the sessions' steps meet at different positions")
+                        help="prompts of N, N+3, N+6, ... tokens: the sessions' steps meet at different positions")
     parser.add_argument("--share-head", action=argparse.BooleanOptionalAction, default=True,
                         help="the client's sessions share one product of the output layer (ClientConfig.share_head)")
     parser.add_argument("--linear-kernel", choices=KERNELS, default="auto",
@@ -123,8 +126,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    # equal prompts start the sessions at one position; --mixed-lengths gives them 16, 19, 22, ... tokens
-    lengths = [16 + 3 * i if args.mixed_lengths else 16 for i in range(args.sessions)]
+    # equal prompts start the sessions at one position; --mixed-lengths gives them N, N+3, N+6, ... tokens
+    lengths = [args.prompt_tokens + 3 * i * args.mixed_lengths for i in range(args.sessions)]
     prompts = [torch.randint(3, 1000, (1, n), generator=g) for n in lengths]
     with tempfile.TemporaryDirectory() as tmp, SwarmProcesses() as procs:
         path = build(args.model, Path(tmp))
@@ -153,7 +156,7 @@ def main() -> None:
         model.swarm_connection.close()
     s, m = statistics.median(single), statistics.median(many)
     print(f"{args.model} model, {args.peers} peers, {args.new_tokens} new tokens per session, medians of {args.runs}, "
-          f"prompts of {'16, 19, 22, ...' if args.mixed_lengths else '16'} tokens")
+          f"prompts of {', '.join(map(str, lengths[:3])) + ', ...' if args.mixed_lengths else lengths[0]} tokens")
     print(f"{'setup':<24}{'tokens/s':>10}{'x single':>10}")
     print(f"{'1 session':<24}{s:>10.1f}{1.0:>10.2f}")
     print(f"{f'{args.sessions} concurrent sessions':<24}{m:>10.1f}{m / s:>10.2f}")
@@ -162,7 +165,7 @@ def main() -> None:
     print("CPU ms per token, 1 session:", cpu_single)
     print(f"CPU ms per token, {args.sessions} sessions:", cpu_many)
     print(json.dumps({"benchmark": "sessions", "model": args.model, "peers": args.peers, "sessions": args.sessions,
-                      "mixed_lengths": args.mixed_lengths,
+                      "prompt_tokens": args.prompt_tokens, "mixed_lengths": args.mixed_lengths,
                       "single_tokens_s": round(s, 2), "concurrent_tokens_s": round(m, 2), "ratio": round(m / s, 3),
                       "merged": counters, "share_head": args.share_head, "head_merges": heads,
                       "cpu_ms_per_token_single": cpu_single, "cpu_ms_per_token_concurrent": cpu_many}))

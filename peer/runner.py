@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from peer.loader import LoadedBlocks
-from peer.merge import mask_position, merge_caches, merge_calls, signature, split_caches, split_rows
+from peer.merge import (mask_position, merge_caches, merge_calls, signature, split_caches, split_rows,
+                        stacking_key)
 from swarm.protocol import ProtocolError, RequestRefused, StepRequest, StepResponse
 from swarm.wire import CacheRef
 
@@ -83,6 +84,7 @@ class BlockRunner:
         self._lock = threading.Lock()
         self.merged_steps = 0  # forwards that ran several sessions' steps as one batch
         self.merged_rows = 0  # rows those forwards carried
+        self.merged_in_place = 0  # of those forwards, the ones whose sessions' caches were the last merge's tensors (no copy)
 
     # ---- sessions -------------------------------------------------------------------------------------
 
@@ -289,6 +291,7 @@ class BlockRunner:
         return sorted(left, key=lambda entry: entry[0])
 
     def _run_merged(self, group: list[tuple[int, StepRequest, Session | None]], put) -> bool:
+        group = sorted(group, key=lambda e: stacking_key(e[2].cache, self._first_attention_layer(e[2].cache, e[1].start)))
         try:
             outs = self._compute_merged([(req, session) for _, req, session in group])
         except Exception as exc:  # noqa: BLE001 - sessions' caches are untouched: they run otherwise
@@ -377,7 +380,9 @@ class BlockRunner:
             layer_calls=first.layer_calls,
         )
         merged_cache = merge_caches(caches, layers, rows, padded)
+        in_place = _same_storage(caches[0], merged_cache, self._first_attention_layer(caches[0], first.start))
         hidden = self._compute(merged_req, merged_cache)
+        self.merged_in_place += in_place
         split_caches(merged_cache, caches, layers, rows, padded)
         return split_rows(hidden, rows)
 
@@ -471,6 +476,13 @@ def _check_key(session: Session, req: StepRequest) -> None:
         raise SessionError(f"session {req.session_id!r} belongs to another client (and the step carries no session key)")
     if session.key is None or not hmac.compare_digest(session.key.encode(), req.session_key.encode()):
         raise SessionError(f"session {req.session_id!r} belongs to another client (the session key does not match)")
+
+
+def _same_storage(cache, merged, layer: int) -> bool:
+    """Whether a merged cache's keys are the session's own storage (the last merge's tensor, used again)."""
+    own, together = getattr(cache.layers[layer], "keys", None), getattr(merged.layers[layer], "keys", None)
+    return (isinstance(own, torch.Tensor) and isinstance(together, torch.Tensor) and own.numel() > 0
+            and own.untyped_storage().data_ptr() == together.untyped_storage().data_ptr())
 
 
 def _cache_batch(cache, layer: int) -> int:

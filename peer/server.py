@@ -164,6 +164,7 @@ class PeerServer:
             "sessions": runner.num_sessions if runner else 0,
             "merged_steps": runner.merged_steps if runner else 0,  # forwards that ran several sessions' steps at once
             "merged_rows": runner.merged_rows if runner else 0,
+            "merged_in_place": runner.merged_in_place if runner else 0,  # of those, without copying the caches together
             "forwarded": self.forwarder.forwarded if self.forwarder else 0,
             "forward_failures": self.forwarder.failed if self.forwarder else 0,
             "direct_port": self._service.direct.port if self._service and self._service.direct else None,

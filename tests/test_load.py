@@ -119,6 +119,7 @@ def test_16_concurrent_sessions_of_64_tokens_on_3_peers(model):
             merged = {peer: info["merged_steps"] for peer, info in infos.items()}
             rows = {peer: info["merged_rows"] for peer, info in infos.items()}
             kernels = [info["linear_kernel_rows"] for info in infos.values()]
+            in_place = {peer: info["merged_in_place"] for peer, info in infos.items()}
         finally:
             client.swarm_connection.close()
 
@@ -131,6 +132,8 @@ def test_16_concurrent_sessions_of_64_tokens_on_3_peers(model):
     assert len(merged) == 3 and all(m > 0 for m in merged.values()), merged
     # only 4 sessions share each prompt length: merges of more rows spanned positions (padded)
     assert all(rows[p] > 4 * merged[p] for p in merged), (rows, merged)
+    # some merges found the caches as the last merge had stacked them and used them without a copy (peer/merge.py)
+    assert all(n > 0 for n in in_place.values()), in_place
     # every peer measured its linear layers' kernels (swarm.fast_linear): the Llama's four weight shapes
     assert all(len(k) == 4 and all(r is None or r in MEASURED_ROWS for r in k.values()) for k in kernels), kernels
 

@@ -136,6 +136,10 @@ def test_merged_decode_steps_match_local(name, tmp_path):
         return
     # 1 prefill (equal prompt lengths) + 11 decode steps per peer, each with all three sessions (4 rows)
     assert merged == [12, 12, 12], f"steps were not merged: {merged} (batches {transport.batch_sizes})"
+    # every decode step found the caches as the step before had stacked them and used them in place (no copy);
+    # not where the peer's first layer keeps a sliding window (the peers that cannot pad either)
+    in_place = [p.handler.runner.merged_in_place for p in peers]
+    assert in_place == [11 if m else 0 for m in PADDED_EXCEPT.get(name, [11, 11, 11])], in_place
     assert all(p.handler.runner.merged_rows == 12 * 4 for p in peers)
 
 
@@ -146,6 +150,8 @@ def test_sessions_at_different_positions_match_local(name, tmp_path):
     merged = [p.handler.runner.merged_steps for p in peers]
     # 11 decode steps per peer, each with all three sessions padded to the longest (prefills never pad)
     assert merged == PADDED_EXCEPT.get(name, [11, 11, 11]), f"merged steps {merged} (batches {transport.batch_sizes})"
+    # padded too, each step after the first merged one used the caches in place (the padding stays in front)
+    assert [p.handler.runner.merged_in_place for p in peers] == [max(m - 1, 0) for m in merged]
 
 
 def test_sessions_that_cannot_merge_still_match(tmp_path):
@@ -207,6 +213,59 @@ def test_padded_caches_round_trip_and_hide_nothing_real():
             assert torch.equal(layer.keys[:, :, :n], k) and torch.equal(layer.values[:, :, :n], v)
     assert torch.equal(caches[0].layers[1].keys[:, :, -1:], new[:1])
     assert torch.equal(caches[1].layers[1].keys[:, :, -1:], new[1:])
+
+
+@pytest.mark.parametrize("lengths", [[3, 5, 4], [4, 4, 4]], ids=["padded", "equal"])
+def test_the_same_sessions_merged_again_reuse_the_merged_tensors(lengths):
+    from peer.merge import merge_caches, split_caches
+
+    rows = [1, 2, 1]
+    caches = [_cache(n, rows=r, seed=k) for k, (n, r) in enumerate(zip(lengths, rows))]
+    padded = lengths if len(set(lengths)) > 1 else None
+    merged = merge_caches(caches, range(2), rows, padded)
+    for step in range(3):
+        new = torch.randn(4, 2, 1, 4, generator=torch.Generator().manual_seed(step))
+        for i in range(2):
+            merged.update(new, new + 1, i)
+        split_caches(merged, caches, range(2), rows, padded)
+        lengths = [n + 1 for n in lengths]
+        padded = lengths if padded else None
+        fresh = merge_caches([_copy(c) for c in caches], range(2), rows, padded)  # copied: nothing to reuse
+        again = merge_caches(caches, range(2), rows, padded)
+        for i in range(2):
+            for name in ("keys", "values"):
+                reused, built = getattr(again.layers[i], name), getattr(fresh.layers[i], name)
+                assert same(reused, getattr(merged.layers[i], name))  # the last step's tensor itself, no copy
+                assert torch.equal(reused, built)  # and what copying the sessions together gives
+        merged = again
+
+    # one session changed on its own (cropped, a lone step), or a group of other sessions: copied again
+    split_caches(merged, caches, range(2), rows, padded)
+    assert not same(merge_caches(caches[1:], range(2), rows[1:], padded[1:] if padded else None).layers[0].keys,
+                    merged.layers[0].keys)
+    assert not same(merge_caches(caches[::-1], range(2), rows[::-1], padded[::-1] if padded else None).layers[0].keys,
+                    merged.layers[0].keys)
+    caches[0].crop(-1)  # drop its last token: a view of the merged tensor, no longer right-aligned
+    assert same(caches[0].layers[0].keys, merged.layers[0].keys)
+    lengths[0] -= 1
+    redone = merge_caches(caches, range(2), rows, lengths)
+    assert not same(redone.layers[0].keys, merged.layers[0].keys)
+    assert torch.equal(redone.layers[0].keys[0, :, -lengths[0]:], caches[0].layers[0].keys[0])
+    assert not redone.layers[0].keys[0, :, : max(lengths) - lengths[0]].any()
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors share their memory (one was not copied from the other)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _copy(cache):
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for layer in cache.layers:
+        out.update(layer.keys.clone(), layer.values.clone(), len(out.layers))
+    return out
 
 
 def test_padding_that_would_outweigh_the_tokens_is_refused():
