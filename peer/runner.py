@@ -380,7 +380,9 @@ class BlockRunner:
             layer_calls=first.layer_calls,
         )
         merged_cache = merge_caches(caches, layers, rows, padded)
-        in_place = _same_storage(caches[0], merged_cache, self._first_attention_layer(caches[0], first.start))
+        layer = self._first_attention_layer(caches[0], first.start)
+        where = stacking_key(caches[0], layer)[0]  # the storage of the session's keys (0: none)
+        in_place = where != 0 and where == stacking_key(merged_cache, layer)[0]  # the last merge's tensor, used again
         hidden = self._compute(merged_req, merged_cache)
         self.merged_in_place += in_place
         split_caches(merged_cache, caches, layers, rows, padded)
@@ -476,13 +478,6 @@ def _check_key(session: Session, req: StepRequest) -> None:
         raise SessionError(f"session {req.session_id!r} belongs to another client (and the step carries no session key)")
     if session.key is None or not hmac.compare_digest(session.key.encode(), req.session_key.encode()):
         raise SessionError(f"session {req.session_id!r} belongs to another client (the session key does not match)")
-
-
-def _same_storage(cache, merged, layer: int) -> bool:
-    """Whether a merged cache's keys are the session's own storage (the last merge's tensor, used again)."""
-    own, together = getattr(cache.layers[layer], "keys", None), getattr(merged.layers[layer], "keys", None)
-    return (isinstance(own, torch.Tensor) and isinstance(together, torch.Tensor) and own.numel() > 0
-            and own.untyped_storage().data_ptr() == together.untyped_storage().data_ptr())
 
 
 def _cache_batch(cache, layer: int) -> int:
