@@ -115,7 +115,10 @@ def main() -> None:
     parser.add_argument("--compare-push", action="store_true", help="measure the swarm with push and without")
     parser.add_argument("--linear-kernel", choices=KERNELS, default="auto",
                         help="peers', client's and local model's fp32 linear kernel (swarm.fast_linear)")
+    parser.add_argument("--inline-max-ms", type=float, default=None,
+                        help="peers' --inline-max-ms (default: theirs; 0: every step goes to their compute thread)")
     args = parser.parse_args()
+    peer_extra = [] if args.inline_max_ms is None else ["--inline-max-ms", str(args.inline_max_ms)]
     modes = [True, False] if args.compare_push else [args.push]
     torch.set_num_threads(args.threads)
     prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -132,7 +135,7 @@ def main() -> None:
                 with SwarmProcesses() as procs:
                     dht = procs.start_dht()
                     launched = [procs.start_peer(path, dht, r, "--num-threads", str(args.threads),
-                                                 "--linear-kernel", args.linear_kernel, wait=False)
+                                                 "--linear-kernel", args.linear_kernel, *peer_extra, wait=False)
                                 for r in even_ranges(layers, k)]
                     for proc in launched:
                         procs.wait_ready(proc)

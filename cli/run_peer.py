@@ -48,6 +48,9 @@ def register(sub) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=50.0,
                    help="while other sessions are active, a decode step may wait this long (at most one batch's "
                         "compute time) for theirs, to run them as one batch (default: 50; 0: never wait)")
+    p.add_argument("--inline-max-ms", type=float, default=50.0,
+                   help="a lone session's step expected to take less than this runs on the peer's event loop, "
+                        "without the hand-off to its compute thread (default: 50; 0: never)")
     p.add_argument("--linear-kernel", choices=("auto", "torch"), default="auto",
                    help="fp32 CPU linear layers over several rows (merged sessions, prefills): 'auto' runs them on "
                         "oneDNN from the rows where it measures faster at start-up; 'torch': torch's own kernel")
@@ -101,6 +104,7 @@ def run_one(args: argparse.Namespace) -> int:
         attn_implementation=args.attn_implementation,
         num_threads=args.num_threads,
         batch_wait_ms=args.batch_wait_ms,
+        inline_max_ms=args.inline_max_ms,
         linear_kernel=args.linear_kernel,
         direct=args.direct,
         direct_port=args.direct_port,
@@ -120,7 +124,8 @@ FORWARDED_OPTIONS = [  # (argparse dest, flag) of every option a child peer gets
     ("device", "--device"), ("dtype", "--dtype"), ("max_memory", "--max-memory"), ("cache_tokens", "--cache-tokens"),
     ("activation_reserve", "--activation-reserve"), ("host", "--host"), ("announce_period", "--announce-period"),
     ("num_threads", "--num-threads"), ("attn_implementation", "--attn-implementation"),
-    ("batch_wait_ms", "--batch-wait-ms"), ("linear_kernel", "--linear-kernel"), ("direct", "--direct"),
+    ("batch_wait_ms", "--batch-wait-ms"), ("inline_max_ms", "--inline-max-ms"), ("linear_kernel", "--linear-kernel"),
+    ("direct", "--direct"),
 ]
 
 

@@ -9,6 +9,15 @@ batches form by themselves as soon as requests arrive faster than the peer compu
 While several sessions are active (`expect`), a request may wait a little for the others' steps:
 at most `max_wait_s` after it arrived, and never longer than one batch takes to compute (a moving
 average), so waiting can at worst double a step's time, and a lone session never waits.
+
+A lone session's step does not even change threads: when nothing is queued or running, at most one
+session is active, and the step should take little time (`inline_max_s`; estimated from its size and
+the seconds per request byte that batches took lately), the event loop runs the step itself. Handing a
+request to the compute thread and its reply back costs two thread wake-ups per step (~0.1-0.2 ms on a busy 2-core machine, docs/performance.md), a real share of a small model's
+decode step, and a lone step has nothing to wait for or merge with. The loop is blocked meanwhile, which
+costs nothing here: the compute thread would be busy with the same step, and what arrives in the
+meantime waits in the sockets' buffers for a few milliseconds at most. Long batches (prefills, large
+models) always go to the compute thread, so the loop keeps answering while they run.
 """
 
 from __future__ import annotations
@@ -34,12 +43,17 @@ class ComputeQueue:
         max_items: int = 64,
         expect: Callable[[], int] | None = None,
         max_wait_s: float = 0.0,
+        inline_max_s: float = 0.05,
     ):
         self.run_many = run_many
         self.max_items = max_items
         self.expect = expect  # how many requests are likely to come (sessions active lately)
         self.max_wait_s = max_wait_s  # wait at most this long (and at most one batch's time) for them
+        self.inline_max_s = inline_max_s  # a lone step expected to take less runs on the event loop (0: never)
         self._batch_s = 0.0  # moving average of a batch's compute time
+        self._rate = 0.0  # moving average of a batch's compute seconds per request byte
+        self._busy = threading.Lock()  # held while a batch runs, on the compute thread or inline
+        self.inline = 0  # requests run on the event loop's thread
         self.batches = 0  # calls of run_many
         self.requests = 0  # requests they carried
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -47,10 +61,39 @@ class ComputeQueue:
         self._thread.start()
 
     async def submit(self, data: bytes, owner: str) -> bytes:
+        if self._inline_ok(len(data)) and self._busy.acquire(blocking=False):
+            try:
+                return self._run_inline(data, owner)
+            finally:
+                self._busy.release()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put((data, owner, future, loop, time.monotonic()))
         return await future
+
+    def _inline_ok(self, size: int) -> bool:
+        """Whether a step may run on the caller's thread: nothing else to run or merge with, and quick."""
+        if not 0 < self._rate * size <= self.inline_max_s or not self._queue.empty():
+            return False
+        return self.expect is None or self.expect() <= 1
+
+    def _run_inline(self, data: bytes, owner: str) -> bytes:
+        t0 = time.monotonic()
+        try:
+            reply = self.run_many([(data, owner)], None)[0]  # the handler answers errors itself
+        except BaseException:  # a bug guard, as on the compute thread: the caller gets the error
+            logger.exception("compute step failed")
+            raise
+        self._timed(time.monotonic() - t0, len(data))
+        self.batches += 1
+        self.requests += 1
+        self.inline += 1
+        return reply
+
+    def _timed(self, took: float, size: int) -> None:
+        self._batch_s = 0.8 * self._batch_s + 0.2 * took if self._batch_s else took
+        rate = took / max(size, 1)  # up at once, down slowly: a run of quick errors does not make a long step look short
+        self._rate = max(rate, 0.8 * self._rate + 0.2 * rate)
 
     def stop(self) -> None:
         """Let the thread end after the batch it runs (queued requests are answered with an error)."""
@@ -77,10 +120,10 @@ class ComputeQueue:
                     stop = True
                     break
                 items.append(more)
-            t0 = time.monotonic()
-            self._run(items)
-            took = time.monotonic() - t0
-            self._batch_s = 0.8 * self._batch_s + 0.2 * took if self._batch_s else took
+            with self._busy:
+                t0 = time.monotonic()
+                self._run(items)
+                self._timed(time.monotonic() - t0, sum(len(it[0]) for it in items))
             if stop:
                 break
         self._fail_queued()

@@ -73,6 +73,7 @@ class PeerConfig:
     linear_kernel: str = "auto"  # fp32 CPU linear layers over several rows: "auto": oneDNN where measured faster
     # (swarm.fast_linear), "torch": torch's own kernel
     batch_wait_ms: float = 50.0  # a step may wait this long (and at most one batch's time) for other active sessions' steps
+    inline_max_ms: float = 50.0  # a lone session's step expected to take less runs on the event loop (peer.batcher); 0: never
     limits: RunnerLimits = field(default_factory=RunnerLimits)
 
     def __post_init__(self) -> None:
@@ -107,7 +108,8 @@ class PeerServer:
         self.linear_rows: dict[str, int | None] = {}  # by weight shape "out x in": rows from which oneDNN runs it
         self.state = "joining"
         self._compute = ComputeQueue(
-            self._run_many, expect=self._active_sessions, max_wait_s=config.batch_wait_ms / 1e3
+            self._run_many, expect=self._active_sessions, max_wait_s=config.batch_wait_ms / 1e3,
+            inline_max_s=config.inline_max_ms / 1e3,
         )
         self.forwarder: Forwarder | None = None  # sends pushed steps on to the next peer (set once the P2P is up)
         self._stopping: asyncio.Event | None = None
@@ -165,6 +167,7 @@ class PeerServer:
             "merged_steps": runner.merged_steps if runner else 0,  # forwards that ran several sessions' steps at once
             "merged_rows": runner.merged_rows if runner else 0,
             "merged_in_place": runner.merged_in_place if runner else 0,  # of those, without copying the caches together
+            "inline_steps": self._compute.inline,  # steps run on the event loop, not handed to the compute thread
             "forwarded": self.forwarder.forwarded if self.forwarder else 0,
             "forward_failures": self.forwarder.failed if self.forwarder else 0,
             "direct_port": self._service.direct.port if self._service and self._service.direct else None,

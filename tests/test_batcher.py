@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -107,3 +108,62 @@ def test_each_reply_goes_out_as_soon_as_it_is_ready():
     q.stop()
     assert (first, second) == (b"first", b"second")
     assert first_s < 0.9  # ~0.3 s (the held batch), not ~1.3 s (after the second request ran)
+
+
+class ThreadRecorder:
+    """Which thread ran each call; `seconds` of work per call."""
+
+    def __init__(self, seconds: float = 0.001):
+        self.threads: list[str] = []
+        self.seconds = seconds
+
+    def __call__(self, items, done=None):
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.seconds)
+        return [data.upper() for data, _ in items]
+
+
+def test_a_lone_quick_step_runs_on_the_event_loop_thread():
+    rec = ThreadRecorder()
+    q = ComputeQueue(rec, expect=lambda: 1, max_wait_s=0.05, inline_max_s=0.5)
+
+    async def main():
+        return [await q.submit(d, "x") for d in (b"first", b"second", b"third")]
+
+    assert asyncio.run(main()) == [b"FIRST", b"SECOND", b"THIRD"]
+    q.stop()
+    # the first step has no timing to go by: the compute thread; then the caller's own thread
+    assert rec.threads == ["swarm-compute", "MainThread", "MainThread"]
+    assert q.inline == 2 and q.batches == 3 and q.requests == 3
+
+
+@pytest.mark.parametrize("case", ["several sessions", "disabled", "too long", "queue busy"])
+def test_steps_that_may_wait_merge_or_take_long_go_to_the_compute_thread(case):
+    rec = ThreadRecorder(seconds=0.01)
+    sessions = {"n": 1}
+    q = ComputeQueue(rec, expect=lambda: sessions["n"], inline_max_s=0.0 if case == "disabled" else 0.5)
+
+    async def main():
+        await q.submit(b"warm", "x")  # ~10 ms for 4 bytes
+        if case == "several sessions":
+            sessions["n"] = 2
+            await q.submit(b"next", "x")
+        elif case in ("disabled", "queue busy"):
+            if case == "queue busy":  # a request is waiting for the compute thread: the next one queues behind it
+                rec.seconds = 0.3
+                first = asyncio.ensure_future(q.submit(b"a" * 1000, "x"))  # estimated 2.5 s: the compute thread
+                await asyncio.sleep(0.05)
+                second = asyncio.ensure_future(q.submit(b"b" * 1000, "x"))
+                await asyncio.sleep(0.05)
+                rec.seconds = 0.01
+                assert await q.submit(b"next", "x") == b"NEXT"  # queued behind `second`, which queued behind `first`
+                await asyncio.gather(first, second)
+            else:
+                await q.submit(b"next", "x")
+        else:
+            await q.submit(b"x" * 400, "x")  # estimated ~1 s from the rate of the first: more than 0.5 s
+
+    asyncio.run(main())
+    q.stop()
+    assert q.inline == 0
+    assert set(rec.threads) == {"swarm-compute"}
