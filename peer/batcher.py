@@ -13,11 +13,12 @@ average), so waiting can at worst double a step's time, and a lone session never
 A lone session's step does not even change threads: when nothing is queued or running, at most one
 session is active, and the step should take little time (`inline_max_s`; estimated from its size and
 the seconds per request byte that batches took lately), the event loop runs the step itself. Handing a
-request to the compute thread and its reply back costs two thread wake-ups per step (~0.1-0.2 ms on a busy 2-core machine, docs/performance.md), a real share of a small model's
-decode step, and a lone step has nothing to wait for or merge with. The loop is blocked meanwhile, which
-costs nothing here: the compute thread would be busy with the same step, and what arrives in the
-meantime waits in the sockets' buffers for a few milliseconds at most. Long batches (prefills, large
-models) always go to the compute thread, so the loop keeps answering while they run.
+request to the compute thread and its reply back costs two thread wake-ups per step (~0.1-0.2 ms on a
+busy 2-core machine, docs/performance.md), a real share of a small model's decode step, and a lone step
+has nothing to wait for or merge with. The loop is blocked meanwhile, which costs nothing here: the
+compute thread would be busy with the same step, and what arrives in the meantime waits in the sockets'
+buffers for a few milliseconds at most. Long batches (prefills, large models) always go to the compute
+thread, so the loop keeps answering while they run.
 """
 
 from __future__ import annotations
