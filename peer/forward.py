@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from swarm.aio import within
 from swarm.chain import Forward, ForwardFailed
 from swarm.direct import DirectClient
 from swarm.protocol import ProtocolError
@@ -44,7 +45,7 @@ class Forwarder:
         except ValueError as exc:
             return plan.reply(failure=ProtocolError(f"next[0].peer {plan.peer!r:.140} is not a base58 peer id: {exc}"))
         try:
-            then = await asyncio.wait_for(call_step(stub, plan.request, self.direct, plan.peer), plan.timeout)
+            then = await within(call_step(stub, plan.request, self.direct, plan.peer), plan.timeout)
         except asyncio.CancelledError:
             raise  # our own caller gave up (the client's wait ended): nobody to reply to
         except Exception as exc:  # noqa: BLE001 - every failure of the call means the same to the client

@@ -38,6 +38,7 @@ from typing import Callable
 
 import msgpack
 
+from swarm.aio import within
 from swarm.protocol import RequestRefused, error_to_wire
 from swarm.wire import encode_message
 
@@ -195,7 +196,7 @@ class DirectServer:
                 writer.write(frame(REPLY, request_id, encode_message(error_to_wire(exc))))
                 continue
             try:
-                data = await asyncio.wait_for(reader.readexactly(length), limits.receive_timeout_s)
+                data = await within(reader.readexactly(length), limits.receive_timeout_s)
             except BaseException:
                 reservation.release()
                 raise
@@ -211,7 +212,7 @@ class DirectServer:
         self.steps += 1
         writer.write(frame(REPLY, request_id, reply))
         try:
-            await asyncio.wait_for(writer.drain(), self.service.limits.send_timeout_s)
+            await within(writer.drain(), self.service.limits.send_timeout_s)
         except (asyncio.TimeoutError, ConnectionError):
             writer.close()  # a caller that does not read: drop it
 

@@ -202,6 +202,8 @@ class _PathError(Exception):
 
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what msgpack carries
 _NATIVE_LEAVES = (type(None), bool, float, str, bytes)
+_SENT_AS_IS = frozenset(_NATIVE_LEAVES)  # ints too need their range checked
+_DECODED_LEAVES = frozenset({type(None), bool, float, str, bytes, int})  # msgpack values that decode as themselves
 
 
 class _Encoder:
@@ -238,6 +240,9 @@ class _Encoder:
                         raise _PathError(
                             TypeError, f"cannot send dict key {key!r} of type {type(key).__qualname__}: keys must be str"
                         )
+                    if type(value) in _SENT_AS_IS:  # leaves are most nodes: no call for them
+                        out_map[key] = value
+                        continue
                     try:
                         out_map[key] = self.node(value, depth + 1)
                     except _PathError as exc:
@@ -246,6 +251,9 @@ class _Encoder:
                 return out_map
             out = [_TAG_LIST if tp is list else _TAG_TUPLE]
             for i, item in enumerate(obj):
+                if type(item) in _SENT_AS_IS:
+                    out.append(item)
+                    continue
                 try:
                     out.append(self.node(item, depth + 1))
                 except _PathError as exc:
@@ -592,7 +600,7 @@ class _Decoder:
 
     def node(self, node: Any, depth: int) -> Any:
         tp = type(node)
-        if tp in _NATIVE_LEAVES or tp is int:
+        if tp in _DECODED_LEAVES:
             return node
         if tp is list:
             if not node or type(tag := node[0]) is not int:
@@ -600,13 +608,14 @@ class _Decoder:
             if tag == _TAG_LIST or tag == _TAG_TUPLE:
                 if depth >= self.max_depth:
                     raise _PathError(WireError, f"nesting deeper than {self.max_depth} containers (Limits.max_depth)")
-                items = []
-                for i in range(1, len(node)):
-                    try:
-                        items.append(self.node(node[i], depth + 1))
-                    except _PathError as exc:
-                        exc.segments.append(i - 1)
-                        raise
+                items = node[1:]
+                for i, item in enumerate(items):
+                    if type(item) not in _DECODED_LEAVES:  # leaves are most nodes: no call for them
+                        try:
+                            items[i] = self.node(item, depth + 1)
+                        except _PathError as exc:
+                            exc.segments.append(i)
+                            raise
                 return items if tag == _TAG_LIST else tuple(items)
             if len(node) != 2:
                 raise _PathError(WireError, f"node with tag {tag} must have 1 value, has {len(node) - 1}")
@@ -631,16 +640,16 @@ class _Decoder:
         if tp is dict:
             if depth >= self.max_depth:
                 raise _PathError(WireError, f"nesting deeper than {self.max_depth} containers (Limits.max_depth)")
-            out = {}
-            for key, value in node.items():
+            for key, value in node.items():  # msgpack built this map for us alone: rebuilt in place
                 if type(key) is not str:
                     raise _PathError(WireError, f"dict key {key!r:.50} of type {type(key).__name__}: keys must be str")
-                try:
-                    out[key] = self.node(value, depth + 1)
-                except _PathError as exc:
-                    exc.segments.append(key)
-                    raise
-            return out
+                if type(value) not in _DECODED_LEAVES:
+                    try:
+                        node[key] = self.node(value, depth + 1)
+                    except _PathError as exc:
+                        exc.segments.append(key)
+                        raise
+            return node
         raise _PathError(WireError, f"unexpected msgpack value of type {tp.__name__}")
 
 
