@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 FRAME = struct.Struct("<IBI")  # payload length, kind, request id
 HELLO, WELCOME, STEP, REPLY, REFUSED = 1, 2, 3, 4, 5
+KEEP, DROP, STOP = object(), object(), object()  # what to do with a frame, once its header is read
 TICKET_BYTES, NONCE_BYTES, KEY_BYTES = 16, 16, 32
 POLICIES = ("private", "always", "never")
 
@@ -108,17 +109,17 @@ class DirectServer:
         self.connections = 0  # connections open now
         self._tickets: dict[bytes, _Ticket] = {}
         self._server: asyncio.AbstractServer | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._open: set[_PeerSide] = set()
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self._server = await asyncio.get_running_loop().create_server(lambda: _PeerSide(self), self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
     async def close(self) -> None:
         """Stop listening and drop open connections (their callers' requests fail at once, not at a timeout)."""
-        for writer in list(self._writers):
-            writer.close()
+        for conn in list(self._open):
+            conn.transport.close()
         if self._server is not None:
             self._server.close()
             try:
@@ -138,142 +139,266 @@ class DirectServer:
         self._tickets[ticket] = _Ticket(owner, key, now + self.ticket_ttl_s)
         return {"hosts": self.hosts, "port": self.port, "ticket": ticket, "key": key}
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self._writers.add(writer)
-        tasks: set[asyncio.Task] = set()
-        try:
-            if self.connections > self.max_connections:
-                return await self._refuse(writer, 0, f"too many direct connections ({self.max_connections}); use libp2p")
-            owner = await self._hello(reader, writer)
-            if owner is not None:
-                await self._serve(owner, reader, writer, tasks)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
-            pass  # the caller went away or stalled: nothing to answer
-        except Exception:  # noqa: BLE001 - one connection's bug must not reach the listener
-            logger.exception("direct connection failed")
-        finally:
-            self.connections -= 1
-            self._writers.discard(writer)
-            for task in tasks:
-                task.cancel()
-            writer.close()
-
-    async def _hello(self, reader, writer) -> str | None:
-        length, kind, _ = FRAME.unpack(await asyncio.wait_for(reader.readexactly(FRAME.size), self.hello_timeout_s))
-        if kind != HELLO or length != TICKET_BYTES + NONCE_BYTES:
-            return await self._refuse(writer, 0, "the first frame must be a hello with a ticket and a nonce")
-        payload = await asyncio.wait_for(reader.readexactly(length), self.hello_timeout_s)
+    def redeem(self, payload: bytes) -> tuple[str, bytes] | None:
+        """A hello's payload (ticket, nonce) -> (the ticket's owner, the welcome proving our key), or None."""
         ticket = self._tickets.pop(payload[:TICKET_BYTES], None)  # one use only
         if ticket is None or ticket.expires < self.clock():
-            return await self._refuse(writer, 0, "unknown or expired ticket: ask for one with rpc_direct")
-        writer.write(frame(WELCOME, 0, welcome_mac(ticket.key, payload[TICKET_BYTES:])))
-        await writer.drain()
-        return ticket.owner
+            return None
+        return ticket.owner, welcome_mac(ticket.key, payload[TICKET_BYTES:])
 
-    async def _refuse(self, writer, request_id: int, why: str) -> None:
-        writer.write(frame(REFUSED, request_id, why.encode()))
+
+class _Frames(asyncio.Protocol):
+    """Frames cut from a connection's bytes as they arrive, by the event loop's read callback itself.
+
+    Why not asyncio streams: a stream reader wakes a reading task for every frame, one more turn of the
+    event loop before the frame is even looked at, and every step pays it on both of its connections
+    (docs/performance.md). Here `frame_received` runs inside the read callback.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.header: tuple[int, int, int] | None = None  # the frame whose payload is still arriving
+        self.dropping = False  # that payload is dropped as it arrives
+        self.closed = False
+        self._paused = False
+        self._drained: asyncio.Future | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
         try:
-            await asyncio.wait_for(writer.drain(), 1)
-        except (asyncio.TimeoutError, ConnectionError):
-            pass
-        return None
+            while not self.closed:
+                if self.header is None:
+                    if len(self.buffer) < FRAME.size:
+                        return
+                    self.header = FRAME.unpack_from(self.buffer)
+                    del self.buffer[: FRAME.size]
+                    verdict = self.header_received(*self.header)
+                    if verdict is STOP:
+                        return
+                    self.dropping = verdict is DROP
+                length, kind, request_id = self.header
+                if self.dropping:  # a refused frame's payload: dropped as it comes, never held whole
+                    gone = min(length, len(self.buffer))
+                    del self.buffer[:gone]
+                    self.header = (length - gone, kind, request_id)
+                    if length > gone:
+                        return
+                    self.header = None
+                    self.frame_dropped()
+                    continue
+                if len(self.buffer) < length:
+                    return
+                view = memoryview(self.buffer)
+                payload = bytes(view[:length])
+                view.release()
+                del self.buffer[:length]
+                self.header = None
+                self.frame_received(kind, request_id, payload)
+        except Exception:  # noqa: BLE001 - one connection's bug must not reach the loop
+            logger.exception("direct connection failed")
+            self.transport.abort()
 
-    async def _serve(self, owner: str, reader, writer, tasks: set) -> None:
-        limits = self.service.limits
-        while True:
-            length, kind, request_id = FRAME.unpack(await reader.readexactly(FRAME.size))
-            if kind != STEP:
-                return await self._refuse(writer, request_id, f"unexpected frame kind {kind}")
-            if length > limits.max_message_bytes:
-                return await self._refuse(
-                    writer, request_id, f"message of {length} bytes exceeds the limit of {limits.max_message_bytes} bytes"
-                )
-            try:
-                reservation = self.service.reserve(length)
-            except RequestRefused as exc:  # read and drop the body, answer why; the connection stays usable
-                await asyncio.wait_for(_skip(reader, length), limits.receive_timeout_s)
-                writer.write(frame(REPLY, request_id, encode_message(error_to_wire(exc))))
-                continue
-            try:
-                data = await within(reader.readexactly(length), limits.receive_timeout_s)
-            except BaseException:
-                reservation.release()
-                raise
-            task = asyncio.create_task(self._step(owner, request_id, data, reservation, writer))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+    def header_received(self, length: int, kind: int, request_id: int) -> object:
+        """A frame's header, before its payload: KEEP it, DROP its payload, or STOP reading (closing)."""
+        return KEEP
 
-    async def _step(self, owner: str, request_id: int, data: bytes, reservation, writer) -> None:
+    def frame_dropped(self) -> None:
+        """The payload of a frame `header_received` dropped has passed."""
+
+    def frame_received(self, kind: int, request_id: int, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_exception(ConnectionError("direct connection closed"))
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the other side took what was written (at once, unless the write buffer is full)."""
+        if self._paused and not self.closed:
+            if self._drained is None or self._drained.done():
+                self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+
+class _PeerSide(_Frames):
+    """A peer's end of one direct connection: the hello, then steps, each answered as it finishes."""
+
+    def __init__(self, server: DirectServer) -> None:
+        super().__init__()
+        self.server = server
+        self.limits = server.service.limits
+        self.owner: str | None = None  # the ticket's owner, once the hello passed
+        self.reservation = None  # the in-flight bytes held for the step whose body is arriving
+        self.tasks: set[asyncio.Task] = set()
+        self.timer: asyncio.TimerHandle | None = None  # the hello, or the body of a step, must arrive by then
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        server = self.server
+        server.connections += 1
+        server._open.add(self)
+        if server.connections > server.max_connections:
+            self.refuse(0, f"too many direct connections ({server.max_connections}); use libp2p")
+            return
+        self.timer = asyncio.get_running_loop().call_later(server.hello_timeout_s, transport.close)
+
+    def refuse(self, request_id: int, why: str) -> None:
+        """Say why, then close (after the reason is sent)."""
+        self.closed = True
+        self.transport.write(frame(REFUSED, request_id, why.encode()))
+        self.transport.close()
+
+    def header_received(self, length: int, kind: int, request_id: int) -> object:
+        if self.owner is None:
+            if kind != HELLO or length != TICKET_BYTES + NONCE_BYTES:
+                self.refuse(0, "the first frame must be a hello with a ticket and a nonce")
+                return STOP
+            return KEEP
+        if kind != STEP:
+            self.refuse(request_id, f"unexpected frame kind {kind}")
+            return STOP
+        if length > self.limits.max_message_bytes:
+            self.refuse(request_id, f"message of {length} bytes exceeds the limit of {self.limits.max_message_bytes} bytes")
+            return STOP
+        verdict = KEEP
         try:
-            reply = await self.service.admitted_step(data, owner)
+            self.reservation = self.server.service.reserve(length)
+        except RequestRefused as exc:  # answered now; the body is dropped as it comes, the connection stays usable
+            self.transport.write(frame(REPLY, request_id, encode_message(error_to_wire(exc))))
+            verdict = DROP
+        if len(self.buffer) < length:  # the whole body within the receive timeout, or the connection goes
+            self.timer = asyncio.get_running_loop().call_later(self.limits.receive_timeout_s, self.transport.close)
+        return verdict
+
+    def frame_dropped(self) -> None:
+        self._body_arrived()
+
+    def _body_arrived(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def frame_received(self, kind: int, request_id: int, payload: bytes) -> None:
+        self._body_arrived()
+        if self.owner is None:
+            redeemed = self.server.redeem(payload)
+            if redeemed is None:
+                self.refuse(0, "unknown or expired ticket: ask for one with rpc_direct")
+                return
+            self.owner, welcome = redeemed
+            self.transport.write(frame(WELCOME, 0, welcome))
+            return
+        reservation, self.reservation = self.reservation, None
+        task = asyncio.get_running_loop().create_task(self._step(request_id, payload, reservation))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _step(self, request_id: int, data: bytes, reservation) -> None:
+        try:
+            reply = await self.server.service.admitted_step(data, self.owner)
         finally:
             reservation.release()
-        self.steps += 1
-        writer.write(frame(REPLY, request_id, reply))
+        self.server.steps += 1
+        if self.closed:
+            return
+        self.transport.write(frame(REPLY, request_id, reply))
         try:
-            await within(writer.drain(), self.service.limits.send_timeout_s)
+            await within(self.drain(), self.limits.send_timeout_s)
         except (asyncio.TimeoutError, ConnectionError):
-            writer.close()  # a caller that does not read: drop it
+            self.transport.close()  # a caller that does not read: drop it
 
-
-async def _skip(reader: asyncio.StreamReader, length: int, chunk: int = 1 << 20) -> None:
-    """Read and drop `length` bytes without holding them all (a refused request may be large)."""
-    while length > 0:
-        length -= len(await reader.readexactly(min(chunk, length)))
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        self.server.connections -= 1
+        self.server._open.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.reservation is not None:  # a body that never arrived
+            self.reservation.release()
+            self.reservation = None
+        for task in self.tasks:
+            task.cancel()
 
 
 # ---- the caller's side ------------------------------------------------------------------------------
 
 
-class _Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_reply_bytes: int):
-        self.reader, self.writer = reader, writer
+class _Connection(_Frames):
+    """The caller's end of one direct connection (event-loop callers: peers forwarding pushed steps)."""
+
+    def __init__(self, max_reply_bytes: int):
+        super().__init__()
+        self.max_reply_bytes = max_reply_bytes
         self.pending: dict[int, asyncio.Future] = {}
         self.next_id = 1
-        self.closed = False
-        self.max_reply_bytes = max_reply_bytes
-        self._reader_task = asyncio.create_task(self._read())
+        self.welcome: asyncio.Future = asyncio.get_running_loop().create_future()  # the answer to our hello
+        self.error: BaseException = ConnectionError("the peer closed the direct connection")
 
-    async def _read(self) -> None:
-        error: BaseException = ConnectionError("the peer closed the direct connection")
-        try:
-            while True:
-                length, kind, request_id = FRAME.unpack(await self.reader.readexactly(FRAME.size))
-                if length > self.max_reply_bytes:
-                    error = ConnectionError(f"reply of {length} bytes exceeds the limit of {self.max_reply_bytes}")
-                    break
-                payload = await self.reader.readexactly(length)
-                if kind == REFUSED:
-                    error = DirectRefused(f"the peer refused: {payload.decode(errors='replace')[:300]}")
-                    break
-                future = self.pending.pop(request_id, None)
-                if kind == REPLY and future is not None and not future.done():
-                    future.set_result(payload)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
-            error = ConnectionError(f"direct connection lost: {type(exc).__name__}: {exc}")
-        except asyncio.CancelledError:
-            error = ConnectionError("direct connection closed")
-        finally:
-            self.close(error)
+    def header_received(self, length: int, kind: int, request_id: int) -> object:
+        if not self.welcome.done() and length > 4096:
+            self.close(DirectRefused("bad welcome"))
+            return STOP
+        if length > self.max_reply_bytes:
+            self.close(ConnectionError(f"reply of {length} bytes exceeds the limit of {self.max_reply_bytes}"))
+            return STOP
+        return KEEP
+
+    def frame_received(self, kind: int, request_id: int, payload: bytes) -> None:
+        if not self.welcome.done():
+            self.welcome.set_result((kind, payload))
+            return
+        if kind == REFUSED:
+            self.close(DirectRefused(f"the peer refused: {payload.decode(errors='replace')[:300]}"))
+            return
+        future = self.pending.pop(request_id, None)
+        if kind == REPLY and future is not None and not future.done():
+            future.set_result(payload)
+
+    def connection_lost(self, exc) -> None:
+        if exc is not None and not self.closed:
+            self.error = ConnectionError(f"direct connection lost: {type(exc).__name__}: {exc}")
+        super().connection_lost(exc)
+        self._fail(self.error)
 
     def close(self, error: BaseException | None = None) -> None:
+        if error is not None:
+            self.error = error
         self.closed = True
+        self._fail(self.error if error is not None else ConnectionError("direct connection closed"))
+        if self.transport is not None:
+            self.transport.close()
+
+    def _fail(self, error: BaseException) -> None:
+        if not self.welcome.done():
+            self.welcome.set_exception(error)
+            self.welcome.exception()  # retrieved: nobody may be waiting any more
         for future in self.pending.values():
             if not future.done():
-                future.set_exception(error or ConnectionError("direct connection closed"))
+                future.set_exception(error)
         self.pending.clear()
-        self.writer.close()
-        if self._reader_task is not asyncio.current_task():
-            self._reader_task.cancel()
 
     async def call(self, data: bytes) -> bytes:
+        if self.closed:
+            raise self.error
         request_id = self.next_id
         self.next_id = (self.next_id % 0xFFFFFFFF) + 1
         future = asyncio.get_running_loop().create_future()
         self.pending[request_id] = future
         try:
-            self.writer.write(frame(STEP, request_id, data))
+            self.transport.write(frame(STEP, request_id, data))
             return await future
         finally:
             self.pending.pop(request_id, None)
@@ -349,20 +474,23 @@ class DirectClient:
 
     async def _connect(self, host: str, port: int, ticket: bytes, key: bytes, peer_id: str) -> _Connection | None:
         nonce = os.urandom(NONCE_BYTES)
-        writer = None
+        opened: list[_Connection] = []
+
+        async def handshake() -> tuple[int, bytes]:
+            _, conn = await asyncio.get_running_loop().create_connection(lambda: _Connection(self.max_reply_bytes), host, port)
+            opened.append(conn)
+            conn.transport.write(frame(HELLO, 0, ticket + nonce))
+            return await conn.welcome
+
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.connect_timeout_s)
-            writer.write(frame(HELLO, 0, ticket + nonce))
-            header = await asyncio.wait_for(reader.readexactly(FRAME.size), self.connect_timeout_s)
-            length, kind, _ = FRAME.unpack(header)
-            payload = await asyncio.wait_for(reader.readexactly(min(length, 4096)), self.connect_timeout_s)
+            kind, payload = await within(handshake(), self.connect_timeout_s)
             check_welcome(kind, payload, key, nonce)
         except Exception as exc:  # noqa: BLE001 - unreachable, refused, or not the peer: use libp2p
             logger.info("direct connection to %s at %s:%s failed (%r); using libp2p", peer_id, host, port, exc)
-            if writer is not None:
-                writer.close()
+            for conn in opened:
+                conn.close()
             return None
-        return _Connection(reader, writer, self.max_reply_bytes)
+        return opened[0]
 
     def close(self) -> None:
         for conn in self._conns.values():
