@@ -1,0 +1,212 @@
+"""Where a pushed decode step's time goes, stage by stage, across the client and every peer.
+
+Starts a DHT and N real `swarm run-peer` processes on 127.0.0.1 (small Llama split evenly), with a
+tracer loaded into every process (a `sitecustomize` on PYTHONPATH, active only under
+SWARM_HOP_TRACE): it wraps a few functions of the step path and records `time.monotonic_ns()` (one
+clock for all processes) when each starts and ends. The client in this process generates greedily;
+each step's events are put in time order and the median gap between consecutive events is printed,
+e.g. ``peer0 decode start -> peer0 decode end``. Steps whose events do not follow the most common
+order (a garbage collection, a DHT announcement in between) are left out and counted.
+
+Then it shows why the same code costs more inside the chain than in a loop: the first request the
+client sent is decoded back to back, and after 3 ms of other work (a loop reading the clock, as a
+waiting peer would not even do). On this machine the second takes several times longer
+(docs/performance.md, "Where a hop's time goes").
+
+The tracer wraps functions by name: a renamed function makes this script fail loudly, not lie.
+Timings include the tracer's own cost (~1 us per event).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import collections
+import functools
+import inspect
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EVENTS: list[tuple[str, int]] = []
+SENT: list[bytes] = []
+
+# (module, class or None, function, label): each call records "<label> start" and "<label> end"
+WRAPPED = [
+    ("swarm.direct", "_BlockingConnection", "call", "client round trip"),
+    ("swarm.direct", "_Connection", "call", "forward round trip"),
+    ("swarm.rpc", "BlockService", "admitted_step", "step"),
+    ("peer.handler", None, "decode_message", "decode"),
+    ("swarm.protocol", "StepRequest", "from_wire", "request checks"),
+    ("peer.runner", "BlockRunner", "_begin", "session and cache checks"),
+    ("peer.runner", "BlockRunner", "_compute", "blocks"),
+    ("peer.handler", None, "plan_forward", "next request built"),
+    ("peer.handler", None, "encode_message", "reply encoded"),
+    ("swarm.chain", "Forward", "reply", "reply nested"),
+]
+
+
+def _wrap(module: str, owner: str | None, name: str, label: str) -> None:
+    import importlib
+
+    mod = importlib.import_module(module)
+    target = getattr(mod, owner) if owner else mod
+    fn = inspect.getattr_static(target, name)
+    is_classmethod = isinstance(fn, classmethod)
+    func = fn.__func__ if is_classmethod else fn
+    clock, events = time.monotonic_ns, EVENTS
+    if inspect.iscoroutinefunction(func):
+        @functools.wraps(func)
+        async def wrapper(*args, **kwargs):
+            events.append((f"{label} start", clock()))
+            try:
+                return await func(*args, **kwargs)
+            finally:
+                events.append((f"{label} end", clock()))
+    else:
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            events.append((f"{label} start", clock()))
+            try:
+                return func(*args, **kwargs)
+            finally:
+                events.append((f"{label} end", clock()))
+    setattr(target, name, classmethod(wrapper) if is_classmethod else wrapper)
+
+
+def install() -> None:
+    """Wrap the step path of this process (client or peer) and dump the events at exit."""
+    for entry in WRAPPED:
+        _wrap(*entry)
+    import swarm.direct
+
+    call = swarm.direct._BlockingConnection.call
+
+    def keep(self, data, timeout):
+        SENT.append(data)
+        return call(self, data, timeout)
+
+    swarm.direct._BlockingConnection.call = keep
+    out = os.environ.get("SWARM_HOP_TRACE")
+    if out:
+        atexit.register(lambda: Path(out, f"{os.getpid()}.json").write_text(json.dumps(EVENTS)))
+
+
+SITECUSTOMIZE = f"""
+import os, sys
+if os.environ.get("SWARM_HOP_TRACE"):
+    sys.path.insert(0, {str(ROOT)!r})
+    from benchmarks import hop_trace
+    hop_trace.install()
+"""
+
+
+def stages(client: list, peers: list[list], window: tuple[int, int]) -> tuple[list[tuple[str, float]], int, int]:
+    """Median gap between consecutive events of a step, for the steps in the most common event order."""
+    starts = [t for e, t in client if e == "client round trip start" and window[0] <= t <= window[1]]
+    ends = [t for e, t in client if e == "client round trip end" and window[0] <= t <= window[1]]
+    steps = []
+    for s, r in zip(starts, ends):
+        marks = [("client sends", s)]
+        for k, events in enumerate(peers):
+            marks += [(f"peer{k} {e}", t) for e, t in events if s < t < r]
+        marks.append(("client has the reply", r))
+        marks.sort(key=lambda m: m[1])
+        steps.append(marks)
+    order = collections.Counter(tuple(m[0] for m in step) for step in steps).most_common(1)[0][0]
+    kept = [step for step in steps if tuple(m[0] for m in step) == order]
+    gaps = [(f"{order[i - 1]} -> {order[i]}", statistics.median((st[i][1] - st[i - 1][1]) / 1e3 for st in kept))
+            for i in range(1, len(order))]
+    return gaps, len(kept), len(steps)
+
+
+def cold_factor(data: bytes, rounds: int = 300) -> tuple[float, float]:
+    """Median µs to decode and check `data` back to back, and right after 3 ms of other work."""
+    from swarm.chain import FORWARDED_KEYS
+    from swarm.protocol import StepRequest
+    from swarm.wire import decode_message
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        StepRequest.from_wire(decode_message(data, raw_keys=FORWARDED_KEYS))
+        return time.perf_counter() - t0
+
+    hot = statistics.median(once() for _ in range(rounds))
+    after = []
+    for _ in range(rounds):
+        until = time.perf_counter() + 0.003
+        while time.perf_counter() < until:
+            pass
+        after.append(once())
+    return hot * 1e6, statistics.median(after) * 1e6
+
+
+def main() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.generate import build, even_ranges
+    from swarm.fast_linear import speed_up_linears
+    from swarm import AutoDistributedModelForCausalLM, ClientConfig
+    from tests.processes import SwarmProcesses
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peers", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    install()
+    with tempfile.TemporaryDirectory() as tmp:
+        site, out = Path(tmp, "site"), Path(tmp, "events")
+        site.mkdir()
+        out.mkdir()
+        (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        path = build("small", Path(tmp))
+        env = {"SWARM_HOP_TRACE": str(out), "PYTHONPATH": str(site)}
+        with SwarmProcesses(env=env) as procs:
+            dht = procs.start_dht()
+            peers = [procs.start_peer(path, dht, r, wait=False) for r in even_ranges(4, args.peers)]
+            for proc in peers:
+                procs.wait_ready(proc)
+            model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[dht], client_config=ClientConfig())
+            prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+            gen = dict(do_sample=False, pad_token_id=0, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+            model.generate(prompt, **gen)  # warm-up
+            local = AutoModelForCausalLM.from_pretrained(path).eval()
+            speed_up_linears(local)  # as generate.py's baseline: the peers' default kernel choice
+            local.generate(prompt, **gen)
+            local_wall = time.perf_counter()
+            local.generate(prompt, **gen)
+            local_wall = (time.perf_counter() - local_wall) / args.tokens
+            t0 = time.monotonic_ns()
+            wall = time.perf_counter()
+            model.generate(prompt, **gen)
+            wall = (time.perf_counter() - wall) / args.tokens
+            window = (t0, time.monotonic_ns())
+            pids = [proc.popen.pid for proc in peers]
+            model.swarm_connection.close()
+        peer_events = [json.loads(Path(out, f"{pid}.json").read_text()) for pid in pids]
+    gaps, kept, total = stages(EVENTS, peer_events, window)
+    print(f"small model, {args.peers} peers, push: {wall * 1e3:.2f} ms per token (the same model locally, just before: "
+          f"{local_wall * 1e3:.2f} ms); {kept} of {total} steps in the usual order")
+    width = max(len(name) for name, _ in gaps)
+    for name, us in gaps:
+        print(f"  {name:<{width}}  {us:8.1f} us")
+    hot, after = cold_factor(SENT[-1])
+    print(f"decoding and checking the first hop's request ({len(SENT[-1])} bytes): {hot:.1f} us back to back, "
+          f"{after:.1f} us after 3 ms of other work ({after / hot:.1f}x)")
+    print(json.dumps({"benchmark": "hop_trace", "peers": args.peers, "ms_per_token": round(wall * 1e3, 3),
+                      "local_ms_per_token": round(local_wall * 1e3, 3),
+                      "stages_us": {name: round(us, 1) for name, us in gaps}, "decode_hot_us": round(hot, 1),
+                      "decode_after_other_work_us": round(after, 1)}))
+
+
+if __name__ == "__main__":
+    main()
