@@ -22,7 +22,7 @@ import torch
 
 from swarm.protocol import PROTOCOL_VERSION, ChainLink, ProtocolError, StepRequest, error_to_wire
 from swarm.rpc import UNARY_MAX_BYTES
-from swarm.wire import RawTensor, encode_message, raw_tensor
+from swarm.wire import RawTensor, decode_message, encode_message, encode_tree, message_from_tree, raw_tensor, unpack_tree
 
 # Only steps that fit one unary message are pushed (clients chain decode steps and short prefills); a
 # peer does not forward a larger request, whatever it names.
@@ -66,32 +66,63 @@ def plan_forward(request: StepRequest, hidden: torch.Tensor, caller: str) -> For
     `caller` is who sent the request (the libp2p peer id the RPC layer authenticated): the client itself at
     the first hop. It becomes the next request's `owner` unless the request already carries a claim (it was
     itself forwarded), so every hop of the chain knows the client a session belongs to. The next peer checks
-    what it receives: the entries of `next` were only checked for their shape here.
+    what it receives: the link was only checked for its shape here.
     """
-    if not request.next:
+    link = request.next
+    if link is None:
         return None
-    link, rest = request.next[0], request.next[1:]
-    timeout = (request.hop_timeout or DEFAULT_HOP_TIMEOUT_S) * len(request.next)
+    timeout = (request.hop_timeout or DEFAULT_HOP_TIMEOUT_S) * link.hops
     out = raw_tensor(hidden)
     try:
-        data_next = encode_message(_next_request(link, rest, out, request.owner or caller))
-    except (TypeError, ValueError) as exc:  # decoded values always re-encode; only the limits can bite
-        return Forward(link.peer, out, None, ProtocolError(f"next[0] cannot be forwarded: {exc}"), timeout)
+        tree = unpack_tree(link.request)
+        if type(tree) is not dict:
+            raise ValueError(f"it is a {type(tree).__name__}, not a map")
+        if tree.get("session_key") is not None:  # a claim proves nothing by itself: it rides with the session's key
+            tree["owner"] = request.owner or caller
+        else:
+            tree.pop("owner", None)
+        tensors = [out] + [t if isinstance(t, RawTensor) else raw_tensor(t) for t in link.tensors]
+        data_next = message_from_tree(tree, tensors)
+    except (TypeError, ValueError) as exc:
+        return Forward(link.peer, out, None, ProtocolError(f"next.request cannot be forwarded: {exc}"), timeout)
     return Forward(link.peer, out, data_next, None, timeout)
 
 
-def _next_request(link: ChainLink, rest: list[ChainLink], hidden: RawTensor, owner: str) -> dict:
-    """The next hop's request map: the client's map for it, this peer's output as hidden, the rest of the chain."""
-    msg = dict(link.request)
-    msg["hidden"] = hidden
-    msg.pop("next", None)
-    if rest:
-        msg["next"] = [entry.to_wire() for entry in rest]
-    if msg.get("session_key") is not None:  # a claim proves nothing by itself: it rides with the session's key
-        msg["owner"] = owner
-    else:
-        msg.pop("owner", None)
-    return msg
+_HIDDEN = torch.empty(0)  # stands for the hidden state of a later hop: tensor 0 of the message built for it
 
 
-__all__ = ["DEFAULT_HOP_TIMEOUT_S", "FORWARDED_KEYS", "Forward", "ForwardFailed", "PUSH_MAX_BYTES", "plan_forward"]
+def link_hops(hops: list[tuple[str, dict]]) -> ChainLink | None:
+    """The `next` of a pushed step's first request: `hops` are the later hops in route order, each (peer id,
+    its request map without "hidden", as `StepRequest.to_wire` makes it).
+
+    Packed from the last hop back: each hop's tree numbers its hidden state 0 and the rest of its tensors
+    (its own, and those the hops after it need) from 1, and holds the next hop's link. Tensors the hops
+    share are one object here, so they travel once, in the first request (`encode` deduplicates them).
+    """
+    link = None
+    for k in range(len(hops) - 1, -1, -1):
+        peer, msg = hops[k]
+        tree = {**msg, "hidden": _HIDDEN}
+        if link is not None:
+            tree["next"] = link.to_wire()
+        packed, tensors = encode_tree(tree, [_HIDDEN])
+        link = ChainLink(peer, tensors[1:], packed, len(hops) - k)
+    return link
+
+
+def unlinked(request: StepRequest) -> list[tuple[str, StepRequest]]:
+    """The later hops a pushed request names, decoded, each with an empty hidden state (what a peer would
+    put there is its own output): for tests and tools that check what a client sent."""
+    hops, link = [], request.next
+    while link is not None:
+        tensors = [raw_tensor(torch.zeros_like(request.hidden))] + [
+            t if isinstance(t, RawTensor) else raw_tensor(t) for t in link.tensors
+        ]
+        nested = StepRequest.from_wire(decode_message(message_from_tree(unpack_tree(link.request), tensors)))
+        hops.append((link.peer, nested))
+        link = nested.next
+    return hops
+
+
+__all__ = ["DEFAULT_HOP_TIMEOUT_S", "FORWARDED_KEYS", "Forward", "ForwardFailed", "PUSH_MAX_BYTES", "link_hops", "plan_forward",
+           "unlinked"]

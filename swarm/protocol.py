@@ -25,9 +25,9 @@ import math
 
 import torch
 
-from swarm.wire import CacheRef, WireError
+from swarm.wire import CacheRef, RawTensor, WireError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # Cache operations a client may forward, with the Python type of their single argument.
 CACHE_OPS: dict[str, type] = {
@@ -62,15 +62,23 @@ class RequestRefused(ProtocolError):
 
 @dataclass(frozen=True)
 class ChainLink:
-    """One later hop of a pushed step: the peer to forward to and its request, without the hidden state
-    (the previous peer's output goes in). The request map is checked by `StepRequest.from_wire` on the
-    peer that runs it, not by the peers that pass it on."""
+    """The next hop of a pushed step, as the client packed it for the peer before (`swarm.chain.link_hops`).
+
+    `request` is that hop's request map, already in the wire's tree form and packed (msgpack): its hidden
+    state is tensor 0 of the message the previous peer builds, and its other tensors are numbered from 1
+    in the order of `tensors`. It holds the following hop's link in turn. A forwarding peer therefore
+    neither decodes nor re-encodes the later hops' part: it puts its output and `tensors` (the protos it
+    received, `wire.RawTensor`) around `request` and sends that. The request is checked by the peer that
+    runs it, not by the peers that pass it on.
+    """
 
     peer: str  # base58 libp2p peer id
-    request: dict  # that hop's `StepRequest.to_wire()` map, "hidden" left out
+    tensors: list  # the tensors `request` refers to (1, 2, ...): torch tensors on the client, RawTensors on a peer
+    request: bytes  # that hop's packed request tree, "hidden" = tensor 0
+    hops: int  # hops from that one to the end of the route (how long the forwarding peer may wait)
 
     def to_wire(self) -> dict:
-        return {"peer": self.peer, "request": self.request}
+        return {"peer": self.peer, "tensors": self.tensors, "request": self.request, "hops": self.hops}
 
 
 @dataclass
@@ -89,7 +97,7 @@ class StepRequest:
     attn_implementation: str | None = None  # the client's; masks are built for it, so the peer must match
     max_length: int | None = None  # tokens the session may reach; reserves the KV budget at session start
     step: int | None = None  # in a session: how many steps this peer has run for it before this one (see below)
-    next: list[ChainLink] = field(default_factory=list)  # a pushed step: the hops after this one, in route order
+    next: ChainLink | None = None  # a pushed step: the hop after this one (which names the one after it, ...)
     owner: str | None = None  # a forwarded step: the client it runs for (a claim; the session key vouches for it)
     session_key: str | None = None  # the session's secret: with it, a step forwarded by another peer may use the session
     hop_timeout: float | None = None  # a pushed step: seconds each hop may take; the next peer is waited for that x its hops
@@ -114,7 +122,7 @@ class StepRequest:
             "max_length": self.max_length,
             "step": self.step,
             # the push fields travel only when set: a decode step stays as small as before
-            **({"next": [link.to_wire() for link in self.next]} if self.next else {}),
+            **({"next": self.next.to_wire()} if self.next is not None else {}),
             **({"owner": self.owner} if self.owner is not None else {}),
             **({"session_key": self.session_key} if self.session_key is not None else {}),
             **({"hop_timeout": self.hop_timeout} if self.hop_timeout is not None else {}),
@@ -205,7 +213,7 @@ class PushFields:
     """A request's push fields, read on their own: a forwarding peer reads them from a request it decoded
     without its tensors (`swarm.chain`); `StepRequest.from_wire` reads them the same way."""
 
-    next: list[ChainLink]
+    next: ChainLink | None
     owner: str | None
     session_key: str | None
     hop_timeout: float | None
@@ -231,28 +239,26 @@ class PushFields:
         return cls(parse_chain(msg.get("next")), owner, session_key, hop_timeout)
 
 
-def parse_chain(value: Any) -> list[ChainLink]:
-    """The `next` field of a pushed step: at most `MAX_CHAIN` ``{"peer": str, "request": map}`` entries.
+def parse_chain(value: Any) -> ChainLink | None:
+    """The `next` field of a pushed step: ``{"peer": str, "tensors": [tensor, ...], "request": bytes, "hops": int}``.
 
-    Only the shape is checked here; each request is validated by the peer that runs it.
+    Only the shape is checked here; the request is validated by the peer that runs it.
     """
     if value is None:
-        return []
-    if not isinstance(value, list) or len(value) > MAX_CHAIN:
-        got = f"{len(value)} entries" if isinstance(value, list) else type(value).__name__
-        raise ProtocolError(f"'next' must be a list of at most {MAX_CHAIN} hops, got {got}")
-    links = []
-    for i, entry in enumerate(value):
-        if not isinstance(entry, dict):
-            raise ProtocolError(f"next[{i}] must be a map with 'peer' and 'request', got {type(entry).__name__}")
-        peer, request = entry.get("peer"), entry.get("request")
-        if not isinstance(peer, str) or not 0 < len(peer) <= MAX_NAME_CHARS:
-            got = f"{len(peer)} characters" if isinstance(peer, str) else type(peer).__name__
-            raise ProtocolError(f"next[{i}].peer must be a peer id of 1..{MAX_NAME_CHARS} characters, got {got}")
-        if not isinstance(request, dict):
-            raise ProtocolError(f"next[{i}].request must be a map (that hop's step request), got {type(request).__name__}")
-        links.append(ChainLink(peer, request))
-    return links
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"'next' must be a map with 'peer', 'tensors', 'request' and 'hops', got {type(value).__name__}")
+    peer, tensors, request, hops = value.get("peer"), value.get("tensors"), value.get("request"), value.get("hops")
+    if not isinstance(peer, str) or not 0 < len(peer) <= MAX_NAME_CHARS:
+        got = f"{len(peer)} characters" if isinstance(peer, str) else type(peer).__name__
+        raise ProtocolError(f"next.peer must be a peer id of 1..{MAX_NAME_CHARS} characters, got {got}")
+    if not isinstance(tensors, list) or not all(isinstance(t, (torch.Tensor, RawTensor)) for t in tensors):
+        raise ProtocolError("next.tensors must be a list of tensors (those the next request refers to)")
+    if not isinstance(request, bytes) or not request:
+        raise ProtocolError(f"next.request must be that hop's packed request (bytes), got {type(request).__name__}")
+    if type(hops) is not int or not 0 < hops <= MAX_CHAIN:
+        raise ProtocolError(f"next.hops must be the number of hops still to come, 1..{MAX_CHAIN}, got {hops!r:.40}")
+    return ChainLink(peer, tensors, request, hops)
 
 
 @dataclass

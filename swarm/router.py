@@ -49,8 +49,8 @@ from typing import Any, Callable, Protocol
 import torch
 
 from swarm.microbatch import auto_parts, cut, microbatch_bounds, splittable
-from swarm.chain import PUSH_MAX_BYTES
-from swarm.protocol import ChainLink, ProtocolError, RemoteError, StepRequest, StepResponse, raise_if_error
+from swarm.chain import PUSH_MAX_BYTES, link_hops
+from swarm.protocol import ProtocolError, RemoteError, StepRequest, StepResponse, raise_if_error
 from swarm.remote import ClientSession
 from swarm.routing import Hop, MissingBlocksError, Span, choose_route, missing_blocks
 from swarm.wire import WireError, decode_message, encode_message
@@ -517,12 +517,11 @@ class SwarmRouter:
         ]
         for request in requests:
             request.hop_timeout = self.policy.hop_timeout_s
-        links = []
-        for shop, request in zip(hops[1:], requests[1:]):
-            # the previous peer's output goes in as "hidden"; absent fields read as unset (fewer nodes to walk)
-            msg = {k: v for k, v in request.to_wire().items() if k != "hidden" and v is not None and v != []}
-            links.append(ChainLink(shop.hop.peer_id, msg))
-        requests[0].next = links
+        # the previous peer's output goes in as "hidden"; absent fields read as unset (fewer nodes to walk)
+        requests[0].next = link_hops([
+            (shop.hop.peer_id, {k: v for k, v in request.to_wire().items() if k != "hidden" and v is not None and v != []})
+            for shop, request in zip(hops[1:], requests[1:])
+        ])
         data = encode_message(requests[0].to_wire())  # the hops' shared tensors (rotary, cache ops) travel once
         if len(data) > PUSH_MAX_BYTES:
             return 0, None

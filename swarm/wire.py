@@ -47,6 +47,9 @@ __all__ = [
     "decode_message",
     "encode",
     "encode_message",
+    "encode_tree",
+    "message_from_tree",
+    "unpack_tree",
     "raw_tensor",
     "FORMAT_VERSION",
 ]
@@ -209,9 +212,10 @@ _DECODED_LEAVES = frozenset({type(None), bool, float, str, bytes, int})  # msgpa
 class _Encoder:
     """State of one `encode` call: the protos so far and the identity -> index map that dedups them."""
 
-    __slots__ = ("protos", "specs", "index_by_id", "compression", "limits", "total_bytes")
+    __slots__ = ("protos", "specs", "index_by_id", "compression", "limits", "total_bytes", "serialize")
 
-    def __init__(self, compression: int | None, limits: Limits) -> None:
+    def __init__(self, compression: int | None, limits: Limits, serialize: bool = True) -> None:
+        self.serialize = serialize  # False: tensors are only numbered (`protos` holds them as given)
         self.protos: list[runtime_pb2.Tensor] = []
         self.specs: list[list | None] = []
         self.index_by_id: dict[int, int] = {}  # id(tensor) -> proto index; the structure keeps ids alive
@@ -263,7 +267,12 @@ class _Encoder:
         if isinstance(obj, torch.Tensor):  # nn.Parameter and other subclasses travel as plain tensors
             index = self.index_by_id.get(id(obj))
             if index is None:
-                index = self.add_tensor(obj)
+                if self.serialize:
+                    index = self.add_tensor(obj)
+                else:
+                    self.protos.append(obj)
+                    self.specs.append(None)
+                    index = len(self.protos) - 1
                 self.index_by_id[id(obj)] = index
             return [_TAG_TENSOR, index]
         if tp is RawTensor:
@@ -431,6 +440,45 @@ def encode_message(
     """`encode` packed into one serialized ``runtime_pb2.ExpertRequest`` (``uid`` is carried, not interpreted)."""
     tensors, metadata = encode(obj, activation_compression=activation_compression, limits=limits)
     return runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=metadata).SerializeToString()
+
+
+def encode_tree(obj: Any, first: Sequence[torch.Tensor] = (), *, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, list]:
+    """`obj`'s metadata tree alone, packed, with its tensors numbered but not serialized: `first` take
+    indices 0, 1, ...; the others follow in order of first appearance. Returns (packed tree, the tensors
+    in index order). A client packs a pushed step's later hops this way; the peer before each hop puts the
+    tensors around the tree (`message_from_tree`) without decoding or re-encoding it (`swarm.chain`)."""
+    encoder = _Encoder(None, limits, serialize=False)
+    for tensor in first:
+        encoder.index_by_id[id(tensor)] = len(encoder.protos)
+        encoder.protos.append(tensor)
+        encoder.specs.append(None)
+    try:
+        tree = encoder.node(obj, 0)
+    except _PathError as exc:
+        raise exc.kind(f"{exc.path()}: {exc.message}") from None
+    return msgpack.packb(tree, use_bin_type=True), encoder.protos
+
+
+def unpack_tree(tree: bytes) -> Any:
+    """A packed tree (`encode_tree`) as msgpack values, its nodes still in wire form (tags, tensor indices):
+    what a forwarding peer may amend before `message_from_tree`. ValueError for bytes that are not one
+    msgpack value (they came from a client: the receiver of the result checks the rest)."""
+    try:
+        return msgpack.unpackb(tree, raw=False, strict_map_key=False, max_ext_len=0)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises ValueError, TypeError, ...: all mean the same here
+        raise ValueError(f"not a packed tree: {exc}") from None
+
+
+def message_from_tree(tree: Any, tensors: Sequence[RawTensor], *, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """A message (as `encode_message` makes) from a tree in wire form (`unpack_tree`) and the tensors it
+    refers to, already serialized: msgpack packs it, nothing is walked in Python. Raises ValueError for a
+    result over the limits."""
+    if len(tensors) > limits.max_tensors:
+        raise ValueError(f"{len(tensors)} tensors, limit is {limits.max_tensors} (Limits.max_tensors)")
+    metadata = msgpack.packb([FORMAT_VERSION, [t.spec for t in tensors], tree], use_bin_type=True)
+    if len(metadata) > limits.max_metadata_bytes:
+        raise ValueError(f"metadata is {len(metadata)} bytes, limit is {limits.max_metadata_bytes} (Limits.max_metadata_bytes)")
+    return runtime_pb2.ExpertRequest(tensors=[t.proto for t in tensors], metadata=metadata).SerializeToString()
 
 
 def raw_tensor(tensor: torch.Tensor, *, limits: Limits = DEFAULT_LIMITS) -> RawTensor:

@@ -27,7 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
-from swarm.protocol import ChainLink, ProtocolError, StepRequest
+from swarm.chain import link_hops
+from swarm.protocol import ProtocolError, StepRequest
 from swarm.rpc import BlockService, RpcLimits, split_message
 from swarm.wire import CacheRef, WireError, decode_message, encode_message
 from tests.processes import ROOT, Proc, SwarmProcesses
@@ -377,7 +378,7 @@ def test_fuzz_step_request_from_wire_raises_only_protocol_errors(data):
     """Start from a valid request, replace any fields with anything the wire can carry: only ProtocolError."""
     msg = {**StepRequest(start=0, end=2, hidden=torch.zeros(1, 1, 4), calls=[((), {"x": torch.ones(1)})],
                          layer_calls=[0, 0], session_id="s", cache_ops=[("crop", 1)], owner="client", session_key="k" * 32,
-                         hop_timeout=3.0, next=[ChainLink("peer", {"start": 2})]).to_wire()}
+                         hop_timeout=3.0, next=link_hops([("peer", {"start": 2})])).to_wire()}
     for name in data.draw(st.lists(st.sampled_from(_fields), max_size=4)):
         if data.draw(st.booleans()):
             msg[name] = data.draw(_values)

@@ -27,6 +27,7 @@ from peer.runner import BlockRunner, SessionError
 from swarm.client import DistributedModelMixin
 from swarm.local import LocalTransport
 from swarm.model import load_client_model
+from swarm.chain import link_hops
 from swarm.protocol import ChainLink, ProtocolError, StepRequest, StepResponse
 from swarm.router import PeerUnreachable, RetryPolicy, SwarmRouter
 from swarm.routing import MissingBlocksError, Span
@@ -199,12 +200,12 @@ def test_a_prefill_too_large_for_one_message_goes_hop_by_hop(llama, monkeypatch)
     assert len(transport.client_calls) == 3 + 2  # then the 2 decode steps, pushed
 
 
-def _request(session="s", *, new=True, step=0, key=None, owner=None, next_=()) -> StepRequest:
+def _request(session="s", *, new=True, step=0, key=None, owner=None, next_=None) -> StepRequest:
     hidden = torch.zeros(1, 1, 64)
     rotary = (torch.ones(1, 1, 16), torch.zeros(1, 1, 16))
     return StepRequest(start=0, end=2, hidden=hidden, calls=[((), {"position_embeddings": rotary,
                        "past_key_values": CacheRef(session)})], layer_calls=[0, 0], session_id=session,
-                       new_session=new, step=step, session_key=key, owner=owner, next=list(next_))
+                       new_session=new, step=step, session_key=key, owner=owner, next=next_)
 
 
 def test_a_forwarded_step_needs_the_session_key(llama):
@@ -232,16 +233,19 @@ def test_a_forwarded_step_needs_the_session_key(llama):
 
 
 def test_next_is_validated_strictly():
-    ok = _request(key="k" * 32, next_=[ChainLink("QmPeer", {"start": 2})])
-    assert StepRequest.from_wire(decode_message(encode_message(ok.to_wire()))).next == ok.next
+    ok = _request(key="k" * 32, next_=link_hops([("QmPeer", {"start": 2}), ("QmOther", {"start": 3})]))
+    back = StepRequest.from_wire(decode_message(encode_message(ok.to_wire()))).next
+    assert (back.peer, back.request, back.hops) == ("QmPeer", ok.next.request, 2)
     assert "next" not in _request().to_wire()  # an unpushed step looks as it did before push existed
+    link = {"peer": "x", "tensors": [], "request": b"\x80", "hops": 1}
     bad = {
-        "not a list": ({"next": {"peer": "x"}}, "must be a list"),
-        "too long": ({"next": [{"peer": "x", "request": {}}] * 65}, "at most 64"),
-        "not a map": ({"next": ["x"]}, r"next\[0\] must be a map"),
-        "peer not a str": ({"next": [{"peer": 5, "request": {}}]}, r"next\[0\]\.peer"),
-        "peer too long": ({"next": [{"peer": "x" * 129, "request": {}}]}, r"next\[0\]\.peer"),
-        "request not a map": ({"next": [{"peer": "x", "request": [1]}]}, r"next\[0\]\.request must be a map"),
+        "not a map": ({"next": [link]}, "'next' must be a map"),
+        "peer not a str": ({"next": {**link, "peer": 5}}, r"next\.peer"),
+        "peer too long": ({"next": {**link, "peer": "x" * 129}}, r"next\.peer"),
+        "tensors not tensors": ({"next": {**link, "tensors": [1]}}, r"next\.tensors must be a list of tensors"),
+        "request not bytes": ({"next": {**link, "request": {"start": 2}}}, r"next\.request must be that hop's packed request"),
+        "no hops": ({"next": {**link, "hops": 0}}, r"next\.hops"),
+        "too many hops": ({"next": {**link, "hops": 65}}, r"next\.hops"),
         "owner without key": ({"owner": "someone"}, "needs the session's 'session_key'"),
         "key without session": ({"session_id": None, "session_key": "k", "new_session": False, "step": None,
                                  "calls": [[[], {}]]}, "need a session"),
@@ -264,16 +268,22 @@ def test_a_bad_chain_entry_is_a_clear_error_and_the_peer_goes_on(llama):
     link.start, link.end = 2, 4
     nested = link.to_wire()
     del nested["hidden"]
-    req = _request("a", key="k" * 32, next_=[ChainLink("nobody", nested)])
+    req = _request("a", key="k" * 32, next_=link_hops([("nobody", nested)]))
     reply = StepResponse.from_wire(decode_message(transport.step("local-0", encode_message(req.to_wire()))))
     assert reply.then is None and "nobody" in reply.then_error["error"]["message"]  # no such peer: named, and retryable
     # a nested request that is garbage: the next peer's own error reply comes back, nested
-    req = _request("b", key="k" * 32, next_=[ChainLink("local-1", {"v": 1, "start": "x"})])
+    req = _request("b", key="k" * 32, next_=link_hops([("local-1", {"v": 2, "start": "x"})]))
     reply = StepResponse.from_wire(decode_message(transport.step("local-0", encode_message(req.to_wire()))))
     nested_reply = decode_message(reply.then)
     assert nested_reply["error"]["retry"] is False and "'start' must be an integer" in nested_reply["error"]["message"]
+    # a packed request that is not a map, or not msgpack at all: the client's fault, said by the forwarding peer
+    for junk in (b"\x91\x01", b"\xc1"):
+        req = _request("c" + junk.hex(), key="k" * 32, next_=ChainLink("local-1", [], junk, 1))
+        reply = StepResponse.from_wire(decode_message(transport.step("local-0", encode_message(req.to_wire()))))
+        assert reply.then is None and reply.then_error["error"]["retry"] is False
+        assert "next.request cannot be forwarded" in reply.then_error["error"]["message"]
     # both peers still serve
-    assert "error" not in decode_message(transport.step("local-0", encode_message(_request("c").to_wire())))
+    assert "error" not in decode_message(transport.step("local-0", encode_message(_request("d").to_wire())))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -426,12 +436,12 @@ def test_e2e_bad_chain_entries_and_keyless_forwards_are_refused_clearly(llama8, 
             return req
 
         # malformed `next`: refused before any compute, the request's own fault
-        bad = first_hop("x1", "k" * 32, [])
-        msg = {**bad.to_wire(), "next": [{"peer": 7, "request": {}}]}
+        bad = first_hop("x1", "k" * 32, None)
+        msg = {**bad.to_wire(), "next": {"peer": 7, "tensors": [], "request": b"\x80", "hops": 1}}
         reply = decode_message(attacker.transport.step(first, encode_message(msg)))
-        assert reply["error"]["retry"] is False and "next[0].peer" in reply["error"]["message"]
+        assert reply["error"]["retry"] is False and "next.peer" in reply["error"]["message"]
         # a peer id that is not base58: the first peer ran its part and says why it could not go on
-        reply = StepResponse.from_wire(send(first_hop("x2", "k" * 32, [ChainLink("not-base58-0OIl", link("x2"))])))
+        reply = StepResponse.from_wire(send(first_hop("x2", "k" * 32, link_hops([("not-base58-0OIl", link("x2"))]))))
         assert reply.then_error["error"]["retry"] is False and "not a base58 peer id" in reply.then_error["error"]["message"]
 
         # an honest session's hop on the middle peer, used through a forward without its key, or with a wrong one
@@ -443,7 +453,7 @@ def test_e2e_bad_chain_entries_and_keyless_forwards_are_refused_clearly(llama8, 
             assert (target.hop.start, target.hop.end) == (3, 5)
             for key, needle in ((None, "carries no session key"), ("f" * 32, "does not match")):
                 entry = link(target.session_id, key=key, step=step_no)
-                reply = StepResponse.from_wire(send(first_hop(f"y{key}", "k" * 32, [ChainLink(middle, entry)])))
+                reply = StepResponse.from_wire(send(first_hop(f"y{key}", "k" * 32, link_hops([(middle, entry)]))))
                 nested = decode_message(reply.then)
                 assert nested["error"]["type"] == "SessionError" and needle in nested["error"]["message"]
             # a foreign client sending straight to the middle peer: refused as ever

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
 from peer.inprocess import start_local_peers
+from swarm.chain import unlinked
 from swarm.local import LocalTransport, local_router
 from swarm.protocol import StepRequest
 from swarm.model import load_client_model
@@ -139,8 +140,7 @@ def test_layers_with_the_same_arguments_send_them_once(model_dir):
     )
     split.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     requests = [StepRequest.from_wire(decode_message(data)) for data in sent]  # pushed: one per step, the hops after
-    hops = [hop for r in requests for hop in [r] + [StepRequest.from_wire({**link.request, "hidden": r.hidden})
-                                                      for link in r.next]]  # ...it nested in `next`
+    hops = [hop for r in requests for hop in [r] + [nested for _, nested in unlinked(r)]]  # ...it nested in `next`
     assert len(requests) == 3 and sorted({(h.start, h.end) for h in hops}) == RANGES
     for hop in hops:
         assert len(hop.calls) == 1 and hop.layer_calls == [0] * (hop.end - hop.start)
