@@ -16,7 +16,6 @@ Calls:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Protocol
@@ -177,12 +176,51 @@ async def _drain(stream: AsyncIterator) -> None:
 
 
 class _Reservation:
+    """Bytes of the in-flight budget held for one request; `release()` (or leaving a `with`) gives them back."""
+
     def __init__(self, service: "BlockService", total: int):
         self.service, self.total = service, total
 
     def release(self) -> None:
         self.service._inflight_bytes -= self.total
         self.total = 0
+
+    def __enter__(self) -> "_Reservation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class _Admission:
+    """One request counted in flight (per client and overall) while a `with` holds it.
+
+    A plain context manager: `contextlib.asynccontextmanager` costs an async generator and its turns per
+    request, on the path of every step, for bookkeeping that never awaits."""
+
+    __slots__ = ("service", "client")
+
+    def __init__(self, service: "BlockService", client: str):
+        limits, mine = service.limits, service._per_client.get(client, 0)
+        if service._inflight_steps >= limits.max_inflight_steps:
+            raise PeerBusy(f"peer busy: {service._inflight_steps} requests in flight (limit {limits.max_inflight_steps})")
+        if mine >= limits.max_inflight_steps_per_client:
+            raise PeerBusy(f"this client has {mine} requests in flight here (limit {limits.max_inflight_steps_per_client})")
+        service._inflight_steps += 1
+        service._per_client[client] = mine + 1
+        self.service, self.client = service, client
+
+    def __enter__(self) -> "_Admission":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        service, client = self.service, self.client
+        service._inflight_steps -= 1
+        left = service._per_client[client] - 1
+        if left:
+            service._per_client[client] = left
+        else:
+            del service._per_client[client]
 
 
 class BlockService(ServicerBase):
@@ -207,26 +245,9 @@ class BlockService(ServicerBase):
         self._per_client: dict[str, int] = {}
         self.direct = None  # a swarm.direct.DirectServer when the peer accepts direct connections
 
-    @contextlib.asynccontextmanager
-    async def _admitted(self, client: str):
+    def _admitted(self, client: str) -> _Admission:
         """Count a request in flight (per client and overall), refusing it past the limits."""
-        limits = self.limits
-        mine = self._per_client.get(client, 0)
-        if self._inflight_steps >= limits.max_inflight_steps:
-            raise PeerBusy(f"peer busy: {self._inflight_steps} requests in flight (limit {limits.max_inflight_steps})")
-        if mine >= limits.max_inflight_steps_per_client:
-            raise PeerBusy(f"this client has {mine} requests in flight here (limit {limits.max_inflight_steps_per_client})")
-        self._inflight_steps += 1
-        self._per_client[client] = mine + 1
-        try:
-            yield
-        finally:
-            self._inflight_steps -= 1
-            left = self._per_client[client] - 1
-            if left:
-                self._per_client[client] = left
-            else:
-                del self._per_client[client]
+        return _Admission(self, client)
 
     def reserve(self, total: int) -> "_Reservation":
         """Reserve `total` bytes of the in-flight budget for one request; `release()` gives them back."""
@@ -238,19 +259,11 @@ class BlockService(ServicerBase):
         self._inflight_bytes += total
         return _Reservation(self, total)
 
-    @contextlib.asynccontextmanager
-    async def _reserved(self, total: int):
-        reservation = self.reserve(total)
-        try:
-            yield
-        finally:
-            reservation.release()
-
     async def admitted_step(self, data: bytes, client: str) -> bytes:
         """`data` run by the backend for `client` within the in-flight limits, or the error reply that says why not
         (direct connections' steps come here too: `swarm.direct`)."""
         try:
-            async with self._admitted(client):
+            with self._admitted(client):
                 return await self.backend.step(data, client)
         except RequestRefused as exc:
             return encode_message(error_to_wire(exc))
@@ -267,7 +280,7 @@ class BlockService(ServicerBase):
         try:
             if len(data) > UNARY_MAX_BYTES:
                 raise MessageTooLarge(f"a unary step carries at most {UNARY_MAX_BYTES} bytes, got {len(data)}")
-            async with self._admitted(client), self._reserved(len(data)):
+            with self._admitted(client), self.reserve(len(data)):
                 reply = await self.backend.step(data, client)
         except RequestRefused as exc:
             reply = encode_message(error_to_wire(exc))
@@ -280,12 +293,12 @@ class BlockService(ServicerBase):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         limits, client = self.limits, context.remote_id.to_base58()
         try:
-            async with self._admitted(client):
+            with self._admitted(client):
                 async with asyncio.timeout(limits.receive_timeout_s):
                     total, first = await read_header(requests, limits.max_message_bytes)
-                    async with self._reserved(total):
+                    with self.reserve(total):
                         data = await read_body(requests, total, first)
-                async with self._reserved(total):
+                with self.reserve(total):
                     reply = await self.backend.step(data, client)
         except TimeoutError:
             reply = encode_message(error_to_wire(PeerBusy(f"request not received within {limits.receive_timeout_s} s")))
