@@ -528,7 +528,15 @@ def _check_shape(where: str, shape: Any, limits: Limits) -> tuple[int, ...]:
     for dim in shape:
         if type(dim) is not int or dim < 0:
             _fail(f"{where} declares shape {shape!r}: dimensions must be non-negative ints")
+    _check_strides(where, shape)
     return tuple(shape)
+
+
+def _check_strides(where: str, shape: Sequence[int]) -> None:
+    """An empty tensor passes every size limit whatever its other dimensions, but torch computes its strides
+    from them, and a product past 64 bits makes it raise a bare RuntimeError (found by the fuzz test)."""
+    if math.prod(max(dim, 1) for dim in shape) >= 1 << 62:
+        _fail(f"{where} declares shape {list(shape)!r}: its dimensions multiply past 2**62 (an empty tensor too)")
 
 
 def _plan_tensor(i: int, proto: runtime_pb2.Tensor, spec: Any, buffer_len: int, limits: Limits) -> tuple[_Plan, int]:
@@ -542,6 +550,7 @@ def _plan_tensor(i: int, proto: runtime_pb2.Tensor, spec: Any, buffer_len: int, 
     wire_shape = tuple(proto.size)  # uint32 in the proto: never negative
     if len(wire_shape) > limits.max_ndim:
         _fail(f"tensor {i} declares {len(wire_shape)} dimensions, limit is {limits.max_ndim} (Limits.max_ndim)")
+    _check_strides(f"tensor {i}", wire_shape)
 
     if spec is not None:  # bit-packed: the proto is a 1-D uint8 byte string, the spec says what it means
         if type(spec) is not list or len(spec) != 3:

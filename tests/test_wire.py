@@ -148,6 +148,19 @@ def test_neg_inf_masks_of_any_rank_travel_as_bits():
         assert_same(mask, decode(tensors, metadata))
 
 
+def test_an_empty_tensor_with_absurd_dimensions_is_a_wire_error():
+    # found by test_fuzz_tensor_protos: 0 elements pass every size limit, but torch.empty overflowed its strides
+    proto = runtime_pb2.Tensor(compression=CT.NONE, buffer=b"", size=[0, 229, 291792, 292504, 471899], dtype="float32")
+    with pytest.raises(WireError, match=r"multiply past 2\*\*62"):
+        decode([proto], msgpack.packb([FORMAT_VERSION, [None], [2, 0]]))
+    spec = [[0, 229, 291792, 292504, 471899], "bool", 0]
+    packed = runtime_pb2.Tensor(compression=CT.NONE, buffer=b"", size=[0], dtype="uint8")
+    with pytest.raises(WireError, match=r"multiply past 2\*\*62"):
+        decode([packed], msgpack.packb([FORMAT_VERSION, [spec], [2, 0]]))
+    assert decode([runtime_pb2.Tensor(compression=CT.NONE, buffer=b"", size=[0, 7], dtype="float32")],
+                  msgpack.packb([FORMAT_VERSION, [None], [2, 0]])).shape == (0, 7)
+
+
 def test_all_zero_float_tensor_is_exact_and_small():
     zeros = torch.zeros(4, 1, 8, 8, dtype=torch.bfloat16)
     tensors, metadata = encode(zeros)
