@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import sys
 import threading
 from typing import Awaitable, TypeVar
 
@@ -22,12 +21,10 @@ async def within(awaitable: Awaitable[T], seconds: float) -> T:
     Why: before Python 3.12, `wait_for` wraps the awaitable in a new task, which costs a task and two
     turns of the event loop even when the result is already there (a step's bytes already buffered, a
     drain with nothing to wait for). A peer paid that three times per step, on the path every token
-    takes. `asyncio.timeout` (3.11+) only arms a timer around the same await.
+    takes. `asyncio.timeout` only arms a timer around the same await.
     """
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):
-            return await awaitable
-    return await asyncio.wait_for(awaitable, seconds)  # pragma: no cover - Python 3.10
+    async with asyncio.timeout(seconds):
+        return await awaitable
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
