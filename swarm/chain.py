@@ -1,9 +1,11 @@
 """Pushed steps, the part every forwarding peer does the same way whatever carries the bytes.
 
-A pushed step's request names the hops after it (`StepRequest.next`). The peer decodes that part without
-building its tensors (`FORWARDED_KEYS`, `wire.decode_message(raw_keys=...)`); once it has run its own
-part, `plan_forward` says what to send on: the next hop's request with this peer's output as its hidden
-state, the remaining hops as its `next`, and the client it runs for as its `owner`. It runs on the
+A pushed step's request names the next hop (`StepRequest.next`, a `ChainLink`): its peer, and its request
+as the client packed it (`link_hops`), which names the hop after it in turn. The peer decodes that part
+without building its tensors (`FORWARDED_KEYS`, `wire.decode_message(raw_keys=...)`); once it has run its
+own part, `plan_forward` says what to send on: the packed request, unpacked and packed again by msgpack
+alone with the client it runs for as its `owner`, around this peer's output and the tensors it refers to
+(protocol 2: the later hops are never decoded into Python objects on the way). It runs on the
 compute thread right after the blocks, so the next request is on its way before this peer's own reply
 is even encoded. `Forward.reply` then nests what came back (`then`: the next peer's reply bytes,
 untouched) or why nothing did (`then_error`) into this peer's reply. No tensor is decoded or
