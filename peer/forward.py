@@ -43,7 +43,7 @@ class Forwarder:
         try:
             stub = self.stubs.get(plan.peer)
         except ValueError as exc:
-            return plan.reply(failure=ProtocolError(f"next[0].peer {plan.peer!r:.140} is not a base58 peer id: {exc}"))
+            return plan.reply(failure=ProtocolError(f"next.peer {plan.peer!r:.140} is not a base58 peer id: {exc}"))
         try:
             then = await within(call_step(stub, plan.request, self.direct, plan.peer), plan.timeout)
         except asyncio.CancelledError:

@@ -83,11 +83,16 @@ def plan_forward(request: StepRequest, hidden: torch.Tensor, caller: str) -> For
             tree["owner"] = request.owner or caller
         else:
             tree.pop("owner", None)
-        tensors = [out] + [t if isinstance(t, RawTensor) else raw_tensor(t) for t in link.tensors]
-        data_next = message_from_tree(tree, tensors)
+        data_next = _link_message(link, tree, out)
     except (TypeError, ValueError) as exc:
         return Forward(link.peer, out, None, ProtocolError(f"next.request cannot be forwarded: {exc}"), timeout)
     return Forward(link.peer, out, data_next, None, timeout)
+
+
+def _link_message(link: ChainLink, tree, hidden: RawTensor) -> bytes:
+    """The message for the hop `link` names: its tree (unpacked) around `hidden` (tensor 0) and `link.tensors`."""
+    tensors = [hidden] + [t if isinstance(t, RawTensor) else raw_tensor(t) for t in link.tensors]
+    return message_from_tree(tree, tensors)
 
 
 _HIDDEN = torch.empty(0)  # stands for the hidden state of a later hop: tensor 0 of the message built for it
@@ -117,10 +122,8 @@ def unlinked(request: StepRequest) -> list[tuple[str, StepRequest]]:
     put there is its own output): for tests and tools that check what a client sent."""
     hops, link = [], request.next
     while link is not None:
-        tensors = [raw_tensor(torch.zeros_like(request.hidden))] + [
-            t if isinstance(t, RawTensor) else raw_tensor(t) for t in link.tensors
-        ]
-        nested = StepRequest.from_wire(decode_message(message_from_tree(unpack_tree(link.request), tensors)))
+        data = _link_message(link, unpack_tree(link.request), raw_tensor(torch.zeros_like(request.hidden)))
+        nested = StepRequest.from_wire(decode_message(data))
         hops.append((link.peer, nested))
         link = nested.next
     return hops

@@ -374,10 +374,9 @@ class _Connection(_Frames):
         self._fail(self.error)
 
     def close(self, error: BaseException | None = None) -> None:
-        if error is not None:
-            self.error = error
+        self.error = error or ConnectionError("direct connection closed")
         self.closed = True
-        self._fail(self.error if error is not None else ConnectionError("direct connection closed"))
+        self._fail(self.error)
         if self.transport is not None:
             self.transport.close()
 

@@ -204,8 +204,7 @@ class _PathError(Exception):
 
 
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what msgpack carries
-_NATIVE_LEAVES = (type(None), bool, float, str, bytes)
-_SENT_AS_IS = frozenset(_NATIVE_LEAVES)  # ints too need their range checked
+_NATIVE_LEAVES = frozenset({type(None), bool, float, str, bytes})  # sent as they are (ints: after a range check)
 _DECODED_LEAVES = frozenset({type(None), bool, float, str, bytes, int})  # msgpack values that decode as themselves
 
 
@@ -244,7 +243,7 @@ class _Encoder:
                         raise _PathError(
                             TypeError, f"cannot send dict key {key!r} of type {type(key).__qualname__}: keys must be str"
                         )
-                    if type(value) in _SENT_AS_IS:  # leaves are most nodes: no call for them
+                    if type(value) in _NATIVE_LEAVES:  # leaves are most nodes: no call for them
                         out_map[key] = value
                         continue
                     try:
@@ -255,7 +254,7 @@ class _Encoder:
                 return out_map
             out = [_TAG_LIST if tp is list else _TAG_TUPLE]
             for i, item in enumerate(obj):
-                if type(item) in _SENT_AS_IS:
+                if type(item) in _NATIVE_LEAVES:
                     out.append(item)
                     continue
                 try:
