@@ -16,7 +16,7 @@ import logging
 from typing import Callable
 
 from peer.runner import BlockRunner
-from swarm.chain import FORWARDED_KEYS, PUSH_MAX_BYTES, Forward, plan_forward
+from swarm.chain import FORWARDED_KEYS, PUSH_MAX_BYTES, Delivery, Forward, deliver, plan_forward
 from swarm.protocol import ProtocolError, StepRequest, error_to_wire
 from swarm.wire import WireError, decode_message, encode_message
 
@@ -26,12 +26,14 @@ logger = logging.getLogger(__name__)
 CLIENT_ERRORS = (ProtocolError, WireError)
 
 
-Reply = bytes | Forward  # a reply's bytes, or for a pushed step what to send on first (`swarm.chain`)
+# a reply's bytes; for a pushed step what to send on first, or for its last hop (tail delivery) what to keep
+Reply = bytes | Forward | Delivery
 
 
 class StepHandler:
     """bytes in, bytes out: the contract every transport of a peer calls. A pushed step's answer is a
-    `Forward` instead: the transport sends its request on, then replies with `Forward.reply(...)`."""
+    `Forward` instead: the transport sends its request on, then replies with `Forward.reply(...)`; the last
+    hop's, with tail delivery, a `Delivery`: the transport keeps it for the client and answers `DELIVERED`."""
 
     def __init__(self, runner: BlockRunner):
         self.runner = runner
@@ -64,6 +66,13 @@ class StepHandler:
             k, request, owner, pushed = decoded[j]
             if isinstance(result, BaseException):
                 reply = _error_reply(result)
+                if request.tail:
+                    reply = deliver(request, reply, owner)
+            elif request.tail:
+                try:
+                    reply = deliver(request, result.hidden, owner)
+                except Exception as exc:  # noqa: BLE001
+                    reply = deliver(request, _error_reply(exc), owner)
             else:
                 try:
                     forward = plan_forward(request, result.hidden, owner) if pushed else None

@@ -25,12 +25,13 @@ from peer.handler import StepHandler
 from peer.loader import load_blocks
 from peer.resources import probe_device
 from peer.runner import BlockRunner, RunnerLimits
+from peer.tails import Tails
 from peer.throughput import cache_key as throughput_cache_key
 from peer.throughput import cached_or_measure
 from swarm import __version__
 from swarm.assignment import make_plan
-from swarm.chain import Forward, ForwardFailed
-from swarm.protocol import RequestRefused, error_to_wire
+from swarm.chain import Delivery, Forward, ForwardFailed
+from swarm.protocol import DELIVERED, CollectRequest, RequestRefused, error_to_wire
 from swarm.records import PeerRecord, model_key
 from swarm.registry import announce_peer, get_peers, local_peer_id, make_dht, read_control
 from swarm.direct import DirectClient, DirectServer
@@ -112,6 +113,7 @@ class PeerServer:
             inline_max_s=config.inline_max_ms / 1e3,
         )
         self.forwarder: Forwarder | None = None  # sends pushed steps on to the next peer (set once the P2P is up)
+        self.tails = Tails()  # tail delivery: last hops' replies kept for their clients to collect
         self._stopping: asyncio.Event | None = None
         self._service: BlockService | None = None
 
@@ -121,12 +123,18 @@ class PeerServer:
         if self.handler is None:
             return self._not_serving()
         reply = await self._compute.submit(data, owner)
+        if isinstance(reply, Delivery):  # the last hop of a pushed step: its client collects the reply from here
+            self.tails.put(reply)
+            return DELIVERED
         if isinstance(reply, Forward):
             # a pushed step goes on to the next peer from here, on the event loop: the compute thread is free meanwhile
             if self.forwarder is None:
                 return reply.reply(failure=ForwardFailed("this peer cannot forward steps yet"))
             return await self.forwarder.send(reply)
         return reply
+
+    async def collect(self, request: CollectRequest, owner: str) -> bytes:
+        return await self.tails.collect(request, owner)
 
     def _run_many(self, items: list[tuple[bytes, str]], done=None) -> list:
         """On the compute thread: requests that queued up together (decode steps of sessions may merge)."""
@@ -170,6 +178,8 @@ class PeerServer:
             "inline_steps": self._compute.inline,  # steps run on the event loop, not handed to the compute thread
             "forwarded": self.forwarder.forwarded if self.forwarder else 0,
             "forward_failures": self.forwarder.failed if self.forwarder else 0,
+            "tails_delivered": self.tails.delivered,  # last hops' replies kept for their clients (tail delivery)
+            "tails_collected": self.tails.collected,
             "direct_port": self._service.direct.port if self._service and self._service.direct else None,
             "direct_steps": self._service.direct.steps if self._service and self._service.direct else 0,
             "linear_kernel_rows": self.linear_rows,

@@ -22,14 +22,16 @@ from dataclasses import dataclass
 
 import torch
 
-from swarm.protocol import PROTOCOL_VERSION, ChainLink, ProtocolError, StepRequest, error_to_wire
+from swarm.protocol import DELIVERED, PROTOCOL_VERSION, ChainLink, ProtocolError, StepRequest, error_to_wire
 from swarm.rpc import UNARY_MAX_BYTES
-from swarm.wire import RawTensor, decode_message, encode_message, encode_tree, message_from_tree, raw_tensor, unpack_tree
+from swarm.wire import (
+    RawTensor, decode_message, encode_message, encode_tree, message_from_tree, raw_tensor, tensor_list, unpack_tree,
+)
 
 # Only steps that fit one unary message are pushed (clients chain decode steps and short prefills); a
 # peer does not forward a larger request, whatever it names.
 PUSH_MAX_BYTES = UNARY_MAX_BYTES
-FORWARDED_KEYS = ("next",)  # a request's part a peer passes on without decoding its tensors
+FORWARDED_KEYS = ("next", "trail")  # a request's parts a peer passes on without decoding their tensors
 DEFAULT_HOP_TIMEOUT_S = 120.0  # a pushed step that names no `hop_timeout`: what each later hop is waited for
 
 
@@ -50,7 +52,10 @@ class Forward:
 
     def reply(self, then: bytes | None = None, failure: BaseException | None = None) -> bytes:
         """This peer's reply: its output, plus the next peer's reply bytes or the failure that stands for it
-        (the map `StepResponse.to_wire` makes, with the output passed on undecoded)."""
+        (the map `StepResponse.to_wire` makes, with the output passed on undecoded). When the rest of the chain
+        answered `DELIVERED` (the last peer kept the reply for the client, with every output), so does this one."""
+        if then == DELIVERED:
+            return DELIVERED
         if then is None:
             failure = failure or self.error or ForwardFailed(f"peer {self.peer} sent nothing back")
             return encode_message({"v": PROTOCOL_VERSION, "hidden": self.hidden, "then_error": error_to_wire(failure)})
@@ -83,16 +88,41 @@ def plan_forward(request: StepRequest, hidden: torch.Tensor, caller: str) -> For
             tree["owner"] = request.owner or caller
         else:
             tree.pop("owner", None)
-        data_next = _link_message(link, tree, out)
+        trail = request.trail
+        if trail is not None:  # tail delivery: the outputs so far, then this peer's (the next hop's tensor 0)
+            after = 1 + len(link.tensors)
+            tree["trail"] = tensor_list([*range(after, after + len(trail)), 0])
+        data_next = _link_message(link, tree, out, trail or ())
     except (TypeError, ValueError) as exc:
         return Forward(link.peer, out, None, ProtocolError(f"next.request cannot be forwarded: {exc}"), timeout)
     return Forward(link.peer, out, data_next, None, timeout)
 
 
-def _link_message(link: ChainLink, tree, hidden: RawTensor) -> bytes:
-    """The message for the hop `link` names: its tree (unpacked) around `hidden` (tensor 0) and `link.tensors`."""
-    tensors = [hidden] + [t if isinstance(t, RawTensor) else raw_tensor(t) for t in link.tensors]
+def _link_message(link: ChainLink, tree, hidden: RawTensor, trail=()) -> bytes:
+    """The message for the hop `link` names: its tree (unpacked) around `hidden` (tensor 0), `link.tensors`, then
+    the `trail` tensors the tree refers to after them."""
+    tensors = [hidden] + [t if isinstance(t, RawTensor) else raw_tensor(t) for t in (*link.tensors, *trail)]
     return message_from_tree(tree, tensors)
+
+
+@dataclass
+class Delivery:
+    """Tail delivery: the last hop's reply, to keep for the client's collect (`peer.tails`), while the peer that
+    forwarded the step is answered `DELIVERED`. Any outcome of a `tail` request is delivered, errors included, so
+    the client never waits for a reply that was sent elsewhere."""
+
+    session_id: str
+    step: int
+    owner: str  # the client the step runs for: only it may collect
+    data: bytes  # the reply: `StepResponse` with `trail` (every hop's output), or an error map
+
+
+def deliver(request: StepRequest, reply: bytes | torch.Tensor, caller: str) -> Delivery:
+    """The `Delivery` of a `tail` request's outcome: its output (with the trail of outputs it received) or its
+    error reply's bytes."""
+    if isinstance(reply, torch.Tensor):
+        reply = encode_message({"v": PROTOCOL_VERSION, "hidden": reply, "trail": request.trail or []})
+    return Delivery(request.session_id, request.step, request.owner or caller, reply)
 
 
 _HIDDEN = torch.empty(0)  # stands for the hidden state of a later hop: tensor 0 of the message built for it
@@ -129,5 +159,5 @@ def unlinked(request: StepRequest) -> list[tuple[str, StepRequest]]:
     return hops
 
 
-__all__ = ["DEFAULT_HOP_TIMEOUT_S", "FORWARDED_KEYS", "Forward", "ForwardFailed", "PUSH_MAX_BYTES", "link_hops", "plan_forward",
-           "unlinked"]
+__all__ = ["DEFAULT_HOP_TIMEOUT_S", "FORWARDED_KEYS", "Delivery", "Forward", "ForwardFailed", "PUSH_MAX_BYTES", "deliver",
+           "link_hops", "plan_forward", "unlinked"]

@@ -25,12 +25,13 @@ from typing import Iterator, Sequence
 import torch
 
 from swarm.aio import BackgroundLoop
+from swarm.protocol import CollectRequest
 from swarm.records import PeerRecord, model_key
 from swarm.remote import bind_session
 from swarm.router import PeerUnreachable, ReplyLost, RetryPolicy, SwarmRouter
 from swarm.routing import Span
 from swarm.direct import POLICIES as DIRECT_POLICIES
-from swarm.direct import BlockingDirectClient, fetch_offer
+from swarm.direct import BlockingDirectClient, PushedStep, fetch_offer
 from swarm.fast_linear import KERNELS as LINEAR_KERNELS
 from swarm.fast_linear import speed_up_linears
 from swarm.rpc import EmptyStream, Stubs, call_step
@@ -57,6 +58,8 @@ class ClientConfig:
     microbatches: int | None = None  # stateless batches cut into this many in-flight parts; None: automatic, 1: off
     wire_dtype: str | None = None  # "bfloat16"/"float16": hidden states travel at this lower precision; None: exact
     push: bool = True  # session steps go to the first peer only, which forwards along the route (one round trip per step)
+    tail_delivery: bool = True  # pushed steps: the client collects the last peer's reply from it directly (direct
+    # connections to the first and last peer needed), instead of through every peer of the route
     direct: str = "private"  # steps over direct TCP connections (swarm.direct) to peers at loopback/private addresses;
     # "always": to any address (unencrypted!), "never": libp2p only
     share_head: bool = True  # threads' concurrent sessions share one product of the output layer (swarm.shared_head)
@@ -126,6 +129,22 @@ class P2PTransport:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             raise PeerUnreachable(f"peer {peer_id} failed: {type(exc).__name__}: {exc}") from exc
+
+    def collects(self, first: str, last: str) -> bool:
+        """Whether a pushed step can be sent with tail delivery: direct connections to both peers."""
+        return self.direct.connection(first) is not None and self.direct.connection(last) is not None
+
+    def push(self, first: str, request: bytes, last: str, collect: CollectRequest, timeout: float) -> PushedStep:
+        """A pushed step to `first`, and the collect of its reply from `last` (tail delivery, `collects` said yes)."""
+        try:
+            pushed = self.direct.push(first, request, last, collect.pack(), timeout)
+        except Exception as exc:  # noqa: BLE001 - a connection that failed under the send: the step did not go
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise PeerUnreachable(f"peer {first} or {last} failed: {type(exc).__name__}: {exc}") from exc
+        if pushed is None:
+            raise PeerUnreachable(f"no direct connection to peer {first} or {last} any more")
+        return pushed
 
     def close_session(self, peer_id: str, session_id: str, wait: bool = True) -> None:
         """Close a session on a peer; `wait=False` (from garbage-collection finalisers) only schedules it."""
@@ -318,6 +337,7 @@ def _from_pretrained(
         )
         return SwarmRouter(layout.num_blocks, directory, connection.transport, policy=client_config.retry_policy(),
                            microbatches=client_config.microbatches, push=client_config.push,
+                           tail=client_config.tail_delivery,
                            wire_dtype=wire_dtype(client_config.wire_dtype))
 
     model = load_client_model(

@@ -27,7 +27,9 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import contextlib
 import os
+import select
 import socket
 import struct
 import threading
@@ -45,7 +47,8 @@ from swarm.wire import encode_message
 logger = logging.getLogger(__name__)
 
 FRAME = struct.Struct("<IBI")  # payload length, kind, request id
-HELLO, WELCOME, STEP, REPLY, REFUSED = 1, 2, 3, 4, 5
+HELLO, WELCOME, STEP, REPLY, REFUSED, COLLECT = 1, 2, 3, 4, 5, 6
+MAX_COLLECT_BYTES = 512  # a COLLECT frame's payload: a `CollectRequest`
 KEEP, DROP, STOP = object(), object(), object()  # what to do with a frame, once its header is read
 TICKET_BYTES, NONCE_BYTES, KEY_BYTES = 16, 16, 32
 POLICIES = ("private", "always", "never")
@@ -267,6 +270,13 @@ class _PeerSide(_Frames):
                 self.refuse(0, "the first frame must be a hello with a ticket and a nonce")
                 return STOP
             return KEEP
+        if kind == COLLECT:
+            if length > MAX_COLLECT_BYTES:
+                self.refuse(request_id, f"a collect request of {length} bytes exceeds {MAX_COLLECT_BYTES}")
+                return STOP
+            if len(self.buffer) < length:
+                self.timer = asyncio.get_running_loop().call_later(self.limits.receive_timeout_s, self.transport.close)
+            return KEEP
         if kind != STEP:
             self.refuse(request_id, f"unexpected frame kind {kind}")
             return STOP
@@ -301,8 +311,11 @@ class _PeerSide(_Frames):
             self.owner, welcome = redeemed
             self.transport.write(frame(WELCOME, 0, welcome))
             return
-        reservation, self.reservation = self.reservation, None
-        task = asyncio.get_running_loop().create_task(self._step(request_id, payload, reservation))
+        if kind == COLLECT:
+            task = asyncio.get_running_loop().create_task(self._collect(request_id, payload))
+        else:
+            reservation, self.reservation = self.reservation, None
+            task = asyncio.get_running_loop().create_task(self._step(request_id, payload, reservation))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -312,6 +325,12 @@ class _PeerSide(_Frames):
         finally:
             reservation.release()
         self.server.steps += 1
+        await self._reply(request_id, reply)
+
+    async def _collect(self, request_id: int, data: bytes) -> None:
+        await self._reply(request_id, await self.server.service.admitted_collect(data, self.owner))
+
+    async def _reply(self, request_id: int, reply: bytes) -> None:
         if self.closed:
             return
         self.transport.write(frame(REPLY, request_id, reply))
@@ -522,6 +541,15 @@ class BlockingDirectClient:
         self._closed = False
 
     def step(self, peer_id: str, request: bytes, timeout: float) -> bytes | None:
+        conn = self.connection(peer_id)
+        if conn is None:
+            return None
+        reply = conn.call(request, timeout)
+        self.steps += 1
+        return reply
+
+    def connection(self, peer_id: str) -> "_BlockingConnection | None":
+        """This thread's open connection to `peer_id`, opened now if need be; None when there is no direct path."""
         if self.policy == "never" or self._closed:
             return None
         conns = self._local.__dict__.setdefault("conns", {})
@@ -534,9 +562,18 @@ class BlockingDirectClient:
                 del conns[peer_id]
                 self._no_path_until[peer_id] = time.monotonic() + self.retry_s
                 return None
-        reply = conn.call(request, timeout)
+        return conn
+
+    def push(self, first: str, request: bytes, last: str, collect: bytes, timeout: float) -> "PushedStep | None":
+        """Tail delivery: send a pushed step to `first` and, at once, the collect of its reply to `last` (a packed
+        `CollectRequest`). None when either has no direct connection (the caller pushes without tail delivery)."""
+        if (a := self.connection(first)) is None or (z := self.connection(last)) is None:
+            return None
+        deadline = time.monotonic() + timeout
+        chain_id = a.send(STEP, request, timeout)
+        tail_id = z.send(COLLECT, collect, timeout)
         self.steps += 1
-        return reply
+        return PushedStep(a, chain_id, z, tail_id, deadline)
 
     def _connect(self, peer_id: str) -> "_BlockingConnection | None":
         offer = self.get_offer(peer_id)
@@ -592,11 +629,25 @@ class _BlockingConnection:
         return buf
 
     def call(self, data: bytes, timeout: float) -> bytes:
+        request_id = self.send(STEP, data, timeout)
+        while True:
+            reply_id, payload = self.read_reply(timeout)
+            if reply_id == request_id:  # replies to requests whose answer was not waited for are skipped
+                return payload
+
+    def send(self, kind: int, data: bytes, timeout: float) -> int:
+        """Send one request frame; its id, to match the reply with."""
         request_id = self.next_id
         self.next_id = (self.next_id % 0xFFFFFFFF) + 1
-        try:
+        with self._failing(timeout):
             self.sock.settimeout(timeout)
-            self.sock.sendall(frame(STEP, request_id, data))
+            self.sock.sendall(frame(kind, request_id, data))
+        return request_id
+
+    def read_reply(self, timeout: float) -> tuple[int, bytes]:
+        """The next reply frame: (request id, payload)."""
+        with self._failing(timeout):
+            self.sock.settimeout(timeout)
             while True:
                 length, kind, reply_id = FRAME.unpack(self.read(FRAME.size))
                 if length > self.max_reply_bytes:
@@ -604,9 +655,15 @@ class _BlockingConnection:
                 payload = self.read(length)
                 if kind == REFUSED:
                     raise DirectRefused(f"the peer refused: {bytes(payload).decode(errors='replace')[:300]}")
-                if kind == REPLY and reply_id == request_id:
-                    return bytes(payload)
-        except BaseException as exc:  # the reply may still come: this connection cannot be trusted any more
+                if kind == REPLY:
+                    return reply_id, bytes(payload)
+
+    @contextlib.contextmanager
+    def _failing(self, timeout: float):
+        """A request that fails on the way: this connection cannot be trusted any more (its reply may still come)."""
+        try:
+            yield
+        except BaseException as exc:
             self.close()
             if isinstance(exc, socket.timeout):
                 raise TimeoutError(f"no reply within {timeout:.1f} s on the direct connection") from None
@@ -623,3 +680,45 @@ class _BlockingConnection:
                 pass
 
     __del__ = close  # a connection dropped with its thread closes its socket
+
+
+class PushedStep:
+    """A pushed step sent with tail delivery (`BlockingDirectClient.push`): the first peer's reply (the chain's
+    answer) and the last peer's (the collected tail) come on two connections, whichever first."""
+
+    def __init__(self, chain: _BlockingConnection, chain_id: int, tail: _BlockingConnection, tail_id: int, deadline: float):
+        self._chain, self._tail = (chain, chain_id), (tail, tail_id)  # one connection when the first peer is the last
+        self._got: dict[tuple, bytes] = {}
+        self.deadline = deadline
+
+    def first(self, skip_chain: bytes | None = None) -> tuple[str, bytes]:
+        """("tail", the collected reply) or ("chain", the first peer's reply), whichever comes first; a chain reply
+        equal to `skip_chain` (`DELIVERED`: the tail is on its way) is passed over for the tail."""
+        while True:
+            if self._tail in self._got:
+                return "tail", self._got[self._tail]
+            if self._chain in self._got and self._got[self._chain] != skip_chain:
+                return "chain", self._got[self._chain]
+            self._read(self._tail if self._chain in self._got else None)
+
+    def chain(self) -> bytes:
+        """The first peer's reply, waited for if need be."""
+        while self._chain not in self._got:
+            self._read(self._chain)
+        return self._got[self._chain]
+
+    def _read(self, only: tuple | None) -> None:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no reply from the chain or its last peer in time")
+        conns = [only[0]] if only is not None else list(dict.fromkeys(c for c, _ in (self._chain, self._tail)))
+        ready = conns if len(conns) == 1 else select.select([c.sock for c in conns], [], [], remaining)[0]
+        if not ready:
+            raise TimeoutError("no reply from the chain or its last peer in time")
+        for conn in conns:
+            if conn is ready[0] or conn.sock is ready[0]:
+                reply_id, payload = conn.read_reply(max(remaining, 1e-3))
+                for key in (self._chain, self._tail):
+                    if key[0] is conn and key[1] == reply_id:
+                        self._got[key] = payload
+                return

@@ -10,7 +10,9 @@ they cost no extra round trip.
 
 A step may be *pushed* along the route (docs/wire.md, "Pushed steps"): its request names the hops after
 it (`next`), the peer forwards its output to the next one itself, and the replies come back nested
-(`StepResponse.then`), so the client sends once and receives once per step.
+(`StepResponse.then`), so the client sends once and receives once per step. With tail delivery
+(protocol 3) the last peer keeps its reply, with every hop's output (`trail`), for the client to
+collect directly (`CollectRequest`), and the chain answers back only `DELIVERED`.
 
 Everything is validated on decode with named errors, never asserts: the peer reads these from
 untrusted clients.
@@ -23,11 +25,12 @@ from typing import Any
 
 import math
 
+import msgpack
 import torch
 
-from swarm.wire import CacheRef, RawTensor, WireError
+from swarm.wire import CacheRef, RawTensor, WireError, encode_message
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # Cache operations a client may forward, with the Python type of their single argument.
 CACHE_OPS: dict[str, type] = {
@@ -45,6 +48,10 @@ MAX_INDEX_ROWS = 1 << 16  # elements of a reorder/select index tensor
 MAX_NAME_CHARS = 128  # session id, cache class, attention implementation, peer ids, session keys
 MAX_CHAIN = 64  # hops a pushed step may name after the one it is sent to
 MAX_HOP_TIMEOUT_S = 3600.0  # what a pushed step may ask each hop to be waited for
+
+# Tail delivery: what the chain answers back once the last peer kept its reply for the client to collect. Always
+# these bytes (the codec is deterministic), so a forwarding peer recognises it without decoding it.
+DELIVERED = encode_message({"v": PROTOCOL_VERSION, "delivered": True})
 
 
 class ProtocolError(ValueError):
@@ -101,6 +108,8 @@ class StepRequest:
     owner: str | None = None  # a forwarded step: the client it runs for (a claim; the session key vouches for it)
     session_key: str | None = None  # the session's secret: with it, a step forwarded by another peer may use the session
     hop_timeout: float | None = None  # a pushed step: seconds each hop may take; the next peer is waited for that x its hops
+    trail: list | None = None  # tail delivery: the outputs of the hops before this one (RawTensors on a peer), in route order
+    tail: bool = False  # tail delivery: the last hop; its reply is kept for the client's `CollectRequest`
 
     # `step` makes a retried request safe: a peer that already ran step n of a session answers a repeat
     # of it with the reply it kept, instead of running it twice (its reply may have been lost on the way);
@@ -126,6 +135,8 @@ class StepRequest:
             **({"owner": self.owner} if self.owner is not None else {}),
             **({"session_key": self.session_key} if self.session_key is not None else {}),
             **({"hop_timeout": self.hop_timeout} if self.hop_timeout is not None else {}),
+            **({"trail": self.trail} if self.trail is not None else {}),
+            **({"tail": True} if self.tail else {}),
         }
 
     @classmethod
@@ -188,6 +199,8 @@ class StepRequest:
         push = PushFields.from_wire(msg)
         if (push.owner is not None or push.session_key is not None) and session_id is None:
             raise ProtocolError("'owner' and 'session_key' need a session")
+        if push.tail and (step is None or push.next is not None):
+            raise ProtocolError("'tail' marks the last hop of a pushed step: it needs a session 'step', and no 'next'")
         return cls(
             start=start,
             end=end,
@@ -205,6 +218,8 @@ class StepRequest:
             owner=push.owner,
             session_key=push.session_key,
             hop_timeout=push.hop_timeout,
+            trail=push.trail,
+            tail=push.tail,
         )
 
 
@@ -217,6 +232,8 @@ class PushFields:
     owner: str | None
     session_key: str | None
     hop_timeout: float | None
+    trail: list | None = None
+    tail: bool = False
 
     @classmethod
     def from_wire(cls, msg: dict) -> "PushFields":
@@ -236,7 +253,15 @@ class PushFields:
             ):
                 raise ProtocolError(f"'hop_timeout' must be a number of seconds in (0, {MAX_HOP_TIMEOUT_S:.0f}], got {hop_timeout!r:.40}")
             hop_timeout = float(hop_timeout)
-        return cls(parse_chain(msg.get("next")), owner, session_key, hop_timeout)
+        trail = msg.get("trail")
+        if trail is not None and not (
+            isinstance(trail, list) and len(trail) <= MAX_CHAIN and all(isinstance(t, (torch.Tensor, RawTensor)) for t in trail)
+        ):
+            raise ProtocolError(f"'trail' must list at most {MAX_CHAIN} tensors (the outputs of the hops before)")
+        tail = msg.get("tail", False)
+        if type(tail) is not bool:
+            raise ProtocolError(f"'tail' must be a boolean, got {type(tail).__name__}")
+        return cls(parse_chain(msg.get("next")), owner, session_key, hop_timeout, trail, tail)
 
 
 def parse_chain(value: Any) -> ChainLink | None:
@@ -274,6 +299,7 @@ class StepResponse:
     hidden: torch.Tensor  # same shape as the request's hidden state: this peer's output
     then: bytes | None = None  # the next peer's reply to the forwarded step, unparsed
     then_error: dict | None = None  # the forwarding failed: {"v": ..., "error": {type, message, retry}}
+    trail: list | None = None  # tail delivery (the last hop's reply, collected): the outputs of the hops before it
 
     def to_wire(self) -> dict:
         msg = {"v": PROTOCOL_VERSION, "hidden": self.hidden}
@@ -281,6 +307,8 @@ class StepResponse:
             msg["then"] = self.then
         if self.then_error is not None:
             msg["then_error"] = self.then_error
+        if self.trail is not None:
+            msg["trail"] = self.trail
         return msg
 
     @classmethod
@@ -292,7 +320,48 @@ class StepResponse:
             raise ProtocolError(f"'then' must be the next peer's reply as bytes, got {type(then).__name__}")
         if then_error is not None and not (isinstance(then_error, dict) and isinstance(then_error.get("error"), dict)):
             raise ProtocolError("'then_error' must be an error map ({'error': {...}})")
-        return cls(hidden=msg["hidden"], then=then, then_error=then_error)
+        trail = msg.get("trail")
+        if trail is not None and not (isinstance(trail, list) and all(isinstance(t, torch.Tensor) for t in trail)):
+            raise ProtocolError("'trail' must be a list of tensors")
+        return cls(hidden=msg["hidden"], then=then, then_error=then_error, trail=trail)
+
+
+@dataclass(frozen=True)
+class CollectRequest:
+    """Tail delivery: the client asks the last peer of a pushed step for the reply it kept (step `step` of session
+    `session_id`, which that peer holds under this id), waiting at most `timeout` seconds for it to arrive.
+
+    Sent as msgpack ``[version, session_id, step, timeout]`` (a direct connection's COLLECT frame, swarm.direct).
+    The answer is the kept reply's bytes (a `StepResponse` with `trail`, or an error map), or an error map.
+    """
+
+    session_id: str
+    step: int
+    timeout: float
+
+    def pack(self) -> bytes:
+        return msgpack.packb([PROTOCOL_VERSION, self.session_id, self.step, self.timeout])
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "CollectRequest":
+        try:
+            msg = msgpack.unpackb(data, raw=False, max_ext_len=0, max_bin_len=0, max_map_len=0, max_array_len=4)
+        except Exception as exc:  # noqa: BLE001 - any msgpack failure means the same here
+            raise ProtocolError(f"a collect request must be msgpack [version, session_id, step, timeout]: {exc}") from None
+        if not (isinstance(msg, list) and len(msg) == 4):
+            raise ProtocolError("a collect request must be [version, session_id, step, timeout]")
+        version, session_id, step, timeout = msg
+        if version != PROTOCOL_VERSION or type(version) is not int:
+            raise ProtocolError(f"protocol version {version!r:.40} is not supported (this peer speaks {PROTOCOL_VERSION})")
+        if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_NAME_CHARS:
+            raise ProtocolError(f"session_id must be a string of 1..{MAX_NAME_CHARS} characters")
+        if type(step) is not int or not 0 <= step < 1 << 31:
+            raise ProtocolError(f"step must be in 0..{(1 << 31) - 1}, got {step!r:.40}")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not (
+            math.isfinite(timeout) and 0 < timeout <= MAX_HOP_TIMEOUT_S * MAX_CHAIN
+        ):
+            raise ProtocolError(f"timeout must be in (0, {MAX_HOP_TIMEOUT_S * MAX_CHAIN:.0f}] seconds, got {timeout!r:.40}")
+        return cls(session_id, step, float(timeout))
 
 
 def _cache_op(i: int, op: Any) -> tuple[str, Any]:
@@ -334,6 +403,8 @@ __all__ = [
     "CACHE_OPS",
     "CacheRef",
     "ChainLink",
+    "CollectRequest",
+    "DELIVERED",
     "PROTOCOL_VERSION",
     "ProtocolError",
     "RemoteError",

@@ -50,7 +50,7 @@ import torch
 
 from swarm.microbatch import auto_parts, cut, microbatch_bounds, splittable
 from swarm.chain import PUSH_MAX_BYTES, link_hops
-from swarm.protocol import ProtocolError, RemoteError, StepRequest, StepResponse, raise_if_error
+from swarm.protocol import DELIVERED, CollectRequest, ProtocolError, RemoteError, StepRequest, StepResponse, raise_if_error
 from swarm.remote import ClientSession
 from swarm.routing import Hop, MissingBlocksError, Span, choose_route, missing_blocks
 from swarm.wire import WireError, decode_message, encode_message
@@ -79,6 +79,10 @@ class Transport(Protocol):
         ...
 
     def close_session(self, peer_id: str, session_id: str, wait: bool = True) -> None: ...
+
+    # Optional, for tail delivery (a transport without them pushes steps the nested way):
+    # collects(first, last) -> bool: whether `push` can reach both peers (direct connections);
+    # push(first, request, last, collect: CollectRequest, timeout) -> swarm.direct.PushedStep (or the same interface).
 
 
 @dataclass(frozen=True)
@@ -313,6 +317,7 @@ class SwarmRouter:
         microbatches: int | None = None,
         wire_dtype: torch.dtype | None = None,
         push: bool = False,
+        tail: bool = True,
     ):
         self.num_blocks = num_blocks
         self.spans = spans  # the directory: returns the current spans; may have `invalidate()` to force a re-read
@@ -325,6 +330,8 @@ class SwarmRouter:
         # session steps go to the first peer only, which forwards along the route; the transport's peers must
         # do that (libp2p peers do; `swarm.local.LocalTransport` does it in-process)
         self.push = push
+        # pushed steps collect the last peer's reply from it directly when the transport can (`Transport.collects`)
+        self.tail = tail
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._states: dict[str, _SessionState] = {}
         self._lock = threading.Lock()
@@ -503,11 +510,18 @@ class SwarmRouter:
         from there hop by hop (a peer that ran the step anyway answers the repeat from the reply it kept). A step too
         large for one unary message is not pushed (k = 0). The first hop's own error reply counts as that peer's
         failure (`_PeerFailed` / `RemoteError`), exactly as without push.
+
+        With tail delivery (the transport has direct connections to the first and the last peer), the last peer
+        keeps its reply, with every hop's output, and the client collects it from there while the chain answers
+        `DELIVERED`: the reply does not travel back through every peer.
         """
         hops, step = state.hops, state.steps[t]
         hidden = step.inputs[0]
         if hidden.numel() * hidden.element_size() * len(hops) > PUSH_MAX_BYTES:  # the nested replies must fit too
             return 0, None
+        first, last = hops[0], hops[-1]
+        collects = getattr(self.transport, "collects", None)
+        tail = self.tail and collects is not None and collects(first.hop.peer_id, last.hop.peer_id)
         requests = [
             build_step(
                 shop.hop, hidden, layer_calls, session, step.ops, attn_implementation, session_id=shop.session_id,
@@ -517,6 +531,8 @@ class SwarmRouter:
         ]
         for request in requests:
             request.hop_timeout = self.policy.hop_timeout_s
+        if tail:
+            requests[0].trail, requests[-1].tail = [], True  # each peer adds its output to the trail; the last keeps all
         # the previous peer's output goes in as "hidden"; absent fields read as unset (fewer nodes to walk)
         requests[0].next = link_hops([
             (shop.hop.peer_id, {k: v for k, v in request.to_wire().items() if k != "hidden" and v is not None and v != []})
@@ -528,13 +544,61 @@ class SwarmRouter:
         for shop in hops:
             shop.unsure = True  # until its output comes back: if the step is abandoned, its session is not trusted
             session.opened_on.add(shop.hop.peer_id)  # it may hold the session now (closed at the end either way)
-        first = hops[0].hop
+        timeout = self.policy.hop_timeout_s * len(hops)
         try:
-            raw = self.transport.step(first.peer_id, data, timeout=self.policy.hop_timeout_s * len(hops))
+            if tail:
+                pushed = self.transport.push(first.hop.peer_id, data, last.hop.peer_id,
+                                             CollectRequest(last.session_id, t, timeout), timeout)
+                kind, raw = pushed.first(skip_chain=DELIVERED)
+                if kind == "tail":
+                    outs = self._delivered(session, t, raw, len(hops), hidden)
+                    if outs is not None:
+                        self._record_pushed(state, t, outs)
+                        return len(hops), outs[-1]
+                    raw = pushed.chain()  # the tail did not come: the chain's answer says how far the step went
+                    if raw == DELIVERED:  # every hop ran it: hop by hop now, each answers from the reply it kept
+                        return 0, None
+            else:
+                raw = self.transport.step(first.hop.peer_id, data, timeout=timeout)
         except (PeerUnreachable, OSError, TimeoutError) as exc:
             logger.info("pushed step %d of session %s: peer %s: %s: %s; going on hop by hop", t, session.session_id,
-                        first.peer_id, type(exc).__name__, exc)
+                        first.hop.peer_id, type(exc).__name__, exc)
             return 0, None
+        return self._unnest(session, state, t, raw, hidden)
+
+    def _delivered(self, session: ClientSession, t: int, raw: bytes, n: int, hidden: torch.Tensor) -> list | None:
+        """The outputs of all `n` hops from the last peer's collected reply, or None (logged) if it is an error."""
+        try:
+            reply = decode_message(raw)
+            if isinstance(reply, dict) and isinstance(reply.get("error"), dict):
+                raise RemoteError("(the last)", str(reply["error"].get("type"))[:64], str(reply["error"].get("message"))[:4096])
+            response = StepResponse.from_wire(reply)
+            outs = [*(response.trail or []), response.hidden]
+            if len(outs) != n:
+                raise ProtocolError(f"the collected reply holds {len(outs)} outputs for {n} hops")
+            for out in outs:
+                if out.shape != hidden.shape:
+                    raise ProtocolError(f"returned a hidden state of {tuple(out.shape)} for {tuple(hidden.shape)}")
+        except (WireError, ProtocolError, RemoteError) as exc:
+            logger.info("pushed step %d of session %s: its last peer's reply could not be collected (%s: %s); reading "
+                        "the chain's", t, session.session_id, type(exc).__name__, exc)
+            return None
+        return outs
+
+    def _record_pushed(self, state: _SessionState, t: int, outs: list) -> None:
+        """Hops ``[0, len(outs))`` ran step `t` and gave `outs`: recorded as for hop-by-hop steps."""
+        for shop, out in zip(state.hops, outs):
+            self._record_hop(state, t, shop, out)
+
+    def _record_hop(self, state: _SessionState, t: int, shop: _SessionHop, out: torch.Tensor) -> None:
+        shop.synced, shop.unsure = t + 1, False
+        if shop.hop.end < self.num_blocks:
+            state.steps[t].inputs[shop.hop.end] = out
+        self.bans.succeeded(shop.hop.peer_id)
+
+    def _unnest(self, session: ClientSession, state: _SessionState, t: int, raw: bytes, hidden: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """Read the chain's nested replies (`then`): as `_push_step` returns."""
+        hops = state.hops
         out = None
         for k, shop in enumerate(hops):
             hop = shop.hop
@@ -561,10 +625,7 @@ class SwarmRouter:
                             "by hop", t, session.session_id, hop.peer_id, type(exc).__name__, exc)
                 return k, out
             out = response.hidden
-            shop.synced, shop.unsure = t + 1, False
-            if hop.end < self.num_blocks:
-                step.inputs[hop.end] = out
-            self.bans.succeeded(hop.peer_id)
+            self._record_hop(state, t, shop, out)
             if k + 1 < len(hops) and response.then is not None:
                 raw = response.then
                 continue

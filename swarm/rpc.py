@@ -24,7 +24,7 @@ import msgpack
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
-from swarm.protocol import RequestRefused, error_to_wire
+from swarm.protocol import CollectRequest, ProtocolError, RequestRefused, error_to_wire
 from swarm.wire import encode_message
 
 UNARY_MAX_BYTES = 1536 * 1024  # steps up to this size go in one unary message (hivemind caps one at ~2 MiB)
@@ -63,6 +63,8 @@ class Backend(Protocol):
     async def close_session(self, session_id: str, owner: str) -> bool: ...
 
     async def info(self) -> dict: ...
+
+    async def collect(self, request: CollectRequest, owner: str) -> bytes: ...
 
 
 _HEADER = struct.Struct(">Q")  # total message size, in front of the first chunk
@@ -266,6 +268,15 @@ class BlockService(ServicerBase):
             with self._admitted(client):
                 return await self.backend.step(data, client)
         except RequestRefused as exc:
+            return encode_message(error_to_wire(exc))
+
+    async def admitted_collect(self, data: bytes, client: str) -> bytes:
+        """Tail delivery: the reply the backend kept for `client` (`CollectRequest`, a direct connection's COLLECT
+        frame), or the error reply that says why not. A waiting collect counts as a request in flight."""
+        try:
+            with self._admitted(client):
+                return await self.backend.collect(CollectRequest.unpack(data), client)
+        except (RequestRefused, ProtocolError) as exc:
             return encode_message(error_to_wire(exc))
 
     async def rpc_step_unary(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:

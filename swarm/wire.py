@@ -51,6 +51,7 @@ __all__ = [
     "message_from_tree",
     "unpack_tree",
     "raw_tensor",
+    "tensor_list",
     "FORMAT_VERSION",
 ]
 
@@ -478,6 +479,12 @@ def message_from_tree(tree: Any, tensors: Sequence[RawTensor], *, limits: Limits
     if len(metadata) > limits.max_metadata_bytes:
         raise ValueError(f"metadata is {len(metadata)} bytes, limit is {limits.max_metadata_bytes} (Limits.max_metadata_bytes)")
     return runtime_pb2.ExpertRequest(tensors=[t.proto for t in tensors], metadata=metadata).SerializeToString()
+
+
+def tensor_list(indices: Sequence[int]) -> list:
+    """The tree node (wire form) of a list of tensors `indices` of the message: for trees amended in place
+    (`unpack_tree`, then `message_from_tree`)."""
+    return [_TAG_LIST, *([_TAG_TENSOR, i] for i in indices)]
 
 
 def raw_tensor(tensor: torch.Tensor, *, limits: Limits = DEFAULT_LIMITS) -> RawTensor:

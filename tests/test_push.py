@@ -25,10 +25,10 @@ from transformers import AutoModelForCausalLM
 from peer.inprocess import start_local_peers
 from peer.runner import BlockRunner, SessionError
 from swarm.client import DistributedModelMixin
-from swarm.local import LocalTransport
+from swarm.local import LocalTransport, _Pushed
 from swarm.model import load_client_model
 from swarm.chain import link_hops
-from swarm.protocol import ChainLink, ProtocolError, StepRequest, StepResponse
+from swarm.protocol import PROTOCOL_VERSION, ChainLink, ProtocolError, StepRequest, StepResponse
 from swarm.router import PeerUnreachable, RetryPolicy, SwarmRouter
 from swarm.routing import MissingBlocksError, Span
 from swarm.wire import CacheRef, decode_message, encode_message
@@ -51,8 +51,10 @@ class ChainFaults:
     run, but its reply does not reach the peer that forwarded it.
     """
 
-    def __init__(self, peers):
+    def __init__(self, peers, tail: bool = False):
         self.inner = LocalTransport(peers, forward_via=self.forward)
+        self.tail = tail  # tail delivery: the client collects from the last peer (unless it is dead or cut)
+        self.collected = 0
         self.client_calls: list[str] = []
         self.forwards: list[str] = []
         self.dead: set[str] = set()
@@ -64,6 +66,18 @@ class ChainFaults:
         if peer_id in self.dead or peer_id in self.cut:
             raise PeerUnreachable(f"peer {peer_id} is unreachable")
         return self.inner.step(peer_id, request)
+
+    def collects(self, first: str, last: str) -> bool:
+        return self.tail
+
+    def push(self, first: str, request: bytes, last: str, collect, timeout: float):
+        pushed = _Pushed(self.step(first, request), None)
+        if last not in self.dead and last not in self.cut:
+            kept = self.inner.kept.get((last, collect.session_id))
+            if kept is not None and kept.step == collect.step:
+                pushed = _Pushed(pushed.chain(), kept.data)
+                self.collected += 1
+        return pushed
 
     def forward(self, peer_id: str, request: bytes, sender: str) -> bytes:
         self.forwards.append(peer_id)
@@ -89,9 +103,9 @@ def llama(tmp_path_factory):
     return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def make_split(path, ranges, push=True, visible=None):
+def make_split(path, ranges, push=True, visible=None, tail=False):
     peers = start_local_peers(path, ranges)
-    transport = ChainFaults(peers)
+    transport = ChainFaults(peers, tail=tail)
     spans = [Span(p.peer_id, p.start, p.end) for p in peers]
     directory = Directory(spans if visible is None else [spans[i] for i in visible])
     routers = []
@@ -109,15 +123,16 @@ def ids(n=5, seed=0):
     return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("push", [True, False])
-def test_a_pushed_step_is_one_client_call_and_gives_the_same_tokens(llama, push):
+@pytest.mark.parametrize("push, tail", [(True, False), (True, True), (False, False)], ids=["push", "tail", "hop-by-hop"])
+def test_a_pushed_step_is_one_client_call_and_gives_the_same_tokens(llama, push, tail):
     path, local = llama
-    split, peers, transport, *_ = make_split(path, [(0, 2), (2, 4), (4, 6)], push=push)
+    split, peers, transport, *_ = make_split(path, [(0, 2), (2, 4), (4, 6)], push=push, tail=tail)
     want = local.generate(ids(), **GREEDY)
     assert torch.equal(split.generate(ids(), **GREEDY), want)
     steps = GREEDY["max_new_tokens"]  # forward passes: the prefill and 19 decode steps
     assert len(transport.client_calls) == (steps if push else 3 * steps)
     assert len(transport.forwards) == (2 * steps if push else 0)
+    assert transport.collected == (steps if tail else 0)  # every step's outputs came from the last peer
     beams = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)  # reorders ride along, pushed
     assert torch.equal(split.generate(ids(), **beams), local.generate(ids(), **beams))
     import gc
@@ -126,10 +141,11 @@ def test_a_pushed_step_is_one_client_call_and_gives_the_same_tokens(llama, push)
     assert sum(p.handler.runner.num_sessions for p in peers) == 0
 
 
+@pytest.mark.parametrize("tail", [False, True], ids=["nested", "tail"])
 @pytest.mark.parametrize("where", ["middle", "last"])
-def test_a_peer_dying_inside_the_chain_is_replaced_and_replayed_exactly(llama, where):
+def test_a_peer_dying_inside_the_chain_is_replaced_and_replayed_exactly(llama, where, tail):
     path, local = llama
-    split, peers, transport, *_ = make_split(path, [(0, 2), (2, 4), (4, 6), (2, 4), (4, 6)])
+    split, peers, transport, *_ = make_split(path, [(0, 2), (2, 4), (4, 6), (2, 4), (4, 6)], tail=tail)
     tokens = []
 
     class Kill:
@@ -152,9 +168,10 @@ def test_a_peer_dying_inside_the_chain_is_replaced_and_replayed_exactly(llama, w
     assert transport.client_calls[-1] == hops[0].peer_id and transport.forwards[-1] == hops[2].peer_id
 
 
-def test_a_reply_lost_inside_the_chain_is_answered_again_without_running_twice(llama):
+@pytest.mark.parametrize("tail", [False, True], ids=["nested", "tail"])
+def test_a_reply_lost_inside_the_chain_is_answered_again_without_running_twice(llama, tail):
     path, local = llama
-    split, peers, transport, _, router = make_split(path, [(0, 2), (2, 4), (4, 6)])
+    split, peers, transport, _, router = make_split(path, [(0, 2), (2, 4), (4, 6)], tail=tail)
     transport.lose[peers[2].peer_id] = 6  # peer 2 runs its 6th forwarded step; peer 1 never gets the reply
     with split.inference_session(max_length=64):
         out = split.generate(ids(), **GREEDY)
@@ -162,8 +179,36 @@ def test_a_reply_lost_inside_the_chain_is_answered_again_without_running_twice(l
         assert session.steps == GREEDY["max_new_tokens"]  # the client's direct repeat was answered from the kept reply
     assert torch.equal(out, local.generate(ids(), **GREEDY))
     assert router.bans.active() == frozenset() and not transport.lose
-    # the client went to peer 2 directly once: one client call per step plus that one
-    assert transport.client_calls.count(peers[2].peer_id) == 1
+    # nested: the client went to peer 2 directly once, one client call per step plus that one; with tail
+    # delivery the client had collected peer 2's reply anyway, so the lost one did not matter
+    assert transport.client_calls.count(peers[2].peer_id) == (0 if tail else 1)
+
+
+def test_a_delivered_reply_the_client_cannot_collect_goes_on_hop_by_hop(llama):
+    """Tail delivery: the last peer ran the step and kept its reply, but the client cannot reach it (the peers
+    can). The chain answers DELIVERED; the step goes on hop by hop (the first peers answer from the replies they
+    kept), the last peer is replaced by its replica and the session replayed there: the same tokens."""
+    path, local = llama
+    split, peers, transport, _, router = make_split(path, [(0, 2), (2, 4), (4, 6), (4, 6)], tail=True, visible=[0, 1, 2, 3])
+    tokens = []
+
+    class Cut:
+        def put(self, value):
+            tokens.append(value)
+            if len(tokens) == 6:
+                hops = router._states[next(iter(router._states))].hops
+                transport.cut.add(hops[2].hop.peer_id)
+
+        def end(self):
+            pass
+
+    with split.inference_session(max_length=64) as cache:
+        out = split.generate(ids(), streamer=Cut(), **GREEDY)
+        hops = cache._swarm_session.hops
+    assert torch.equal(out, local.generate(ids(), **GREEDY))
+    (cut,) = transport.cut
+    assert cut not in {h.peer_id for h in hops} and len(hops) == 3
+    assert transport.collected == GREEDY["max_new_tokens"] - 1  # all but the step that found the last peer cut
 
 
 def test_a_step_abandoned_after_a_broken_chain_does_not_trust_the_peers_past_the_break(llama):
@@ -272,7 +317,7 @@ def test_a_bad_chain_entry_is_a_clear_error_and_the_peer_goes_on(llama):
     reply = StepResponse.from_wire(decode_message(transport.step("local-0", encode_message(req.to_wire()))))
     assert reply.then is None and "nobody" in reply.then_error["error"]["message"]  # no such peer: named, and retryable
     # a nested request that is garbage: the next peer's own error reply comes back, nested
-    req = _request("b", key="k" * 32, next_=link_hops([("local-1", {"v": 2, "start": "x"})]))
+    req = _request("b", key="k" * 32, next_=link_hops([("local-1", {"v": PROTOCOL_VERSION, "start": "x"})]))
     reply = StepResponse.from_wire(decode_message(transport.step("local-0", encode_message(req.to_wire()))))
     nested_reply = decode_message(reply.then)
     assert nested_reply["error"]["retry"] is False and "'start' must be an integer" in nested_reply["error"]["message"]
@@ -330,12 +375,19 @@ class CountingTransport:
         self.calls += 1
         return self.inner.step(peer_id, request, timeout=timeout)
 
+    def collects(self, first, last):
+        return self.inner.collects(first, last)
+
+    def push(self, first, request, last, collect, timeout):  # tail delivery: one call (and a collect from the last)
+        self.calls += 1
+        return self.inner.push(first, request, last, collect, timeout)
+
     def close_session(self, peer_id, session_id, wait=True):
         self.inner.close_session(peer_id, session_id, wait=wait)
 
 
-def forwarded(client, peers) -> dict[str, int]:
-    return {name: client.swarm_connection.transport.info(proc.info["peer_id"])["forwarded"] for name, proc in peers.items()}
+def forwarded(client, peers, counter: str = "forwarded") -> dict[str, int]:
+    return {name: client.swarm_connection.transport.info(proc.info["peer_id"])[counter] for name, proc in peers.items()}
 
 
 def test_e2e_pushed_generation_equals_local_with_one_client_call_per_step(llama8, swarm):
@@ -344,6 +396,7 @@ def test_e2e_pushed_generation_equals_local_with_one_client_call_per_step(llama8
     clients = {push: connect(model, dht, push=push) for push in (True, False)}
     try:
         before = forwarded(clients[True], peers)
+        collected = forwarded(clients[True], peers, "tails_collected")
         for push, client in clients.items():
             router = client.swarm_capture.router
             router.transport = CountingTransport(router.transport)
@@ -355,6 +408,8 @@ def test_e2e_pushed_generation_equals_local_with_one_client_call_per_step(llama8
         assert after["0:3"] - before["0:3"] == 12  # the first peer forwarded every step...
         assert sum(after[n] - before[n] for n in ("3:5", "3:5b")) == 12  # ...and so did the middle one
         assert sum(after[n] - before[n] for n in ("5:8", "5:8b")) == 0
+        # tail delivery: the client collected every step's reply from the last peer, over its direct connection
+        assert sum(v - collected[n] for n, v in forwarded(clients[True], peers, "tails_collected").items()) == 12
         # logits of a padded batch in a session (pushed prefill) and beam search
         ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(3))
         mask = torch.ones_like(ids)

@@ -134,6 +134,10 @@ def test_layers_with_the_same_arguments_send_them_once(model_dir):
             sent.append(request)
             return super().step(peer_id, request, timeout)
 
+        def push(self, first, request, last, collect, timeout):
+            sent.append(request)
+            return super().push(first, request, last, collect, timeout)
+
     split = load_client_model(
         path, lambda layout, config: local_router(peers, layout.num_blocks, seed=0, transport=Recording(peers)),
         auto_class=AutoModelForCausalLM, dtype=torch.float32,
