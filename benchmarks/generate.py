@@ -113,13 +113,30 @@ def main() -> None:
     parser.add_argument("--push", action=argparse.BooleanOptionalAction, default=True,
                         help="session steps pushed along the route by the peers (ClientConfig.push)")
     parser.add_argument("--compare-push", action="store_true", help="measure the swarm with push and without")
+    parser.add_argument("--tail", action=argparse.BooleanOptionalAction, default=True,
+                        help="pushed steps collect the last peer's reply from it (ClientConfig.tail_delivery)")
+    parser.add_argument("--compare-tail", action="store_true", help="measure pushed steps with tail delivery and without")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="emulated one-way latency of every direct connection (client and peers), ms: loopback has "
+                             "none and this kernel has no netem (swarm.direct.EMULATED_LATENCY_S)")
     parser.add_argument("--linear-kernel", choices=KERNELS, default="auto",
                         help="peers', client's and local model's fp32 linear kernel (swarm.fast_linear)")
     parser.add_argument("--inline-max-ms", type=float, default=None,
                         help="peers' --inline-max-ms (default: theirs; 0: every step goes to their compute thread)")
     args = parser.parse_args()
     peer_extra = [] if args.inline_max_ms is None else ["--inline-max-ms", str(args.inline_max_ms)]
-    modes = [True, False] if args.compare_push else [args.push]
+    # (label suffix, push, tail delivery)
+    if args.compare_tail:
+        modes = [(" tail", True, True), (" nested", True, False)]
+    elif args.compare_push:
+        modes = [(" push", True, args.tail), (" no push", False, False)]
+    else:
+        modes = [("", args.push, args.tail)]
+    env = {"SWARM_DIRECT_LATENCY_MS": str(args.latency_ms)} if args.latency_ms else None
+    if args.latency_ms:
+        import swarm.direct
+
+        swarm.direct.EMULATED_LATENCY_S = args.latency_ms / 1e3
     torch.set_num_threads(args.threads)
     prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     rows = []
@@ -132,7 +149,7 @@ def main() -> None:
             local_samples = []
             layers = MODELS[name]["num_hidden_layers"]
             for k in args.peers:
-                with SwarmProcesses() as procs:
+                with SwarmProcesses(env=env) as procs:
                     dht = procs.start_dht()
                     launched = [procs.start_peer(path, dht, r, "--num-threads", str(args.threads),
                                                  "--linear-kernel", args.linear_kernel, *peer_extra, wait=False)
@@ -140,10 +157,11 @@ def main() -> None:
                     for proc in launched:
                         procs.wait_ready(proc)
                     models = {"local": local}
-                    for push in modes:
-                        setup = f"swarm {k} peer{'s' * (k > 1)}" + ("" if len(modes) == 1 else " push" if push else " no push")
+                    for suffix, push, tail in modes:
+                        setup = f"swarm {k} peer{'s' * (k > 1)}{suffix}"
                         models[setup] = AutoDistributedModelForCausalLM.from_pretrained(
-                            path, initial_peers=[dht], client_config=ClientConfig(push=push, linear_kernel=args.linear_kernel))
+                            path, initial_peers=[dht],
+                            client_config=ClientConfig(push=push, tail_delivery=tail, linear_kernel=args.linear_kernel))
                     samples = measure_rounds(models, prompt, args.new_tokens, args.runs)
                     for setup, model in models.items():
                         if setup != "local":
@@ -175,7 +193,7 @@ def extra_hop(rows, peer_counts: list[int]) -> dict[tuple[str, str], float]:
         if not setup.startswith("swarm "):
             continue
         k = int(setup.split()[1])
-        mode = setup.split("peer", 1)[1].lstrip("s")  # "", " push" or " no push"
+        mode = setup.split("peer", 1)[1].lstrip("s")  # "", " push", " no push", " tail", " nested"
         series.setdefault((name, mode), []).append((k, ratio * local[name] * 1e3))
     slopes = {}
     for key, points in series.items():

@@ -41,6 +41,8 @@ SENT: list[bytes] = []
 # (module, class or None, function, label): each call records "<label> start" and "<label> end"
 WRAPPED = [
     ("swarm.direct", "_BlockingConnection", "call", "client round trip"),
+    ("swarm.direct", "BlockingDirectClient", "push", "client push"),  # tail delivery: sends the step and the collect
+    ("swarm.direct", "PushedStep", "first", "client wait"),  # ...and waits for the last peer's reply
     ("swarm.direct", "_Connection", "call", "forward round trip"),
     ("swarm.rpc", "BlockService", "admitted_step", "step"),
     ("peer.handler", None, "decode_message", "decode"),
@@ -49,6 +51,8 @@ WRAPPED = [
     ("peer.runner", "BlockRunner", "_compute", "blocks"),
     ("peer.handler", None, "plan_forward", "next request built"),
     ("peer.handler", None, "encode_message", "reply encoded"),
+    ("peer.handler", None, "deliver", "reply kept for the client"),
+    ("peer.tails", "Tails", "put", "reply handed to the client"),
     ("swarm.chain", "Forward", "reply", "reply nested"),
 ]
 
@@ -87,13 +91,18 @@ def install() -> None:
         _wrap(*entry)
     import swarm.direct
 
-    call = swarm.direct._BlockingConnection.call
+    call, push = swarm.direct._BlockingConnection.call, swarm.direct.BlockingDirectClient.push
 
     def keep(self, data, timeout):
         SENT.append(data)
         return call(self, data, timeout)
 
+    def keep_pushed(self, first, data, *args):
+        SENT.append(data)
+        return push(self, first, data, *args)
+
     swarm.direct._BlockingConnection.call = keep
+    swarm.direct.BlockingDirectClient.push = keep_pushed
     out = os.environ.get("SWARM_HOP_TRACE")
     if out:
         atexit.register(lambda: Path(out, f"{os.getpid()}.json").write_text(json.dumps(EVENTS)))
@@ -110,8 +119,8 @@ if os.environ.get("SWARM_HOP_TRACE"):
 
 def stages(client: list, peers: list[list], window: tuple[int, int]) -> tuple[list[tuple[str, float]], int, int]:
     """Median gap between consecutive events of a step, for the steps in the most common event order."""
-    starts = [t for e, t in client if e == "client round trip start" and window[0] <= t <= window[1]]
-    ends = [t for e, t in client if e == "client round trip end" and window[0] <= t <= window[1]]
+    starts = [t for e, t in client if e in ("client round trip start", "client push start") and window[0] <= t <= window[1]]
+    ends = [t for e, t in client if e in ("client round trip end", "client wait end") and window[0] <= t <= window[1]]
     steps = []
     for s, r in zip(starts, ends):
         marks = [("client sends", s)]
@@ -160,6 +169,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--tail", action=argparse.BooleanOptionalAction, default=True,
+                        help="tail delivery (ClientConfig.tail_delivery): the client collects the last peer's reply")
     args = parser.parse_args()
     torch.set_num_threads(1)
     install()
@@ -175,7 +186,7 @@ def main() -> None:
             peers = [procs.start_peer(path, dht, r, wait=False) for r in even_ranges(4, args.peers)]
             for proc in peers:
                 procs.wait_ready(proc)
-            model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[dht], client_config=ClientConfig())
+            model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[dht], client_config=ClientConfig(tail_delivery=args.tail))
             prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
             gen = dict(do_sample=False, pad_token_id=0, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
             model.generate(prompt, **gen)  # warm-up
@@ -194,7 +205,7 @@ def main() -> None:
             model.swarm_connection.close()
         peer_events = [json.loads(Path(out, f"{pid}.json").read_text()) for pid in pids]
     gaps, kept, total = stages(EVENTS, peer_events, window)
-    print(f"small model, {args.peers} peers, push: {wall * 1e3:.2f} ms per token (the same model locally, just before: "
+    print(f"small model, {args.peers} peers, push{' with tail delivery' * args.tail}: {wall * 1e3:.2f} ms per token (the same model locally, just before: "
           f"{local_wall * 1e3:.2f} ms); {kept} of {total} steps in the usual order")
     width = max(len(name) for name, _ in gaps)
     for name, us in gaps:

@@ -133,8 +133,11 @@ class PeerServer:
             return await self.forwarder.send(reply)
         return reply
 
-    async def collect(self, request: CollectRequest, owner: str) -> bytes:
-        return await self.tails.collect(request, owner)
+    def collect(self, request: CollectRequest, owner: str, reply) -> object | None:
+        return self.tails.collect(request, owner, reply)
+
+    def cancel_collect(self, waiting) -> None:
+        self.tails.cancel(waiting)
 
     def _run_many(self, items: list[tuple[bytes, str]], done=None) -> list:
         """On the compute thread: requests that queued up together (decode steps of sessions may merge)."""

@@ -49,9 +49,13 @@ logger = logging.getLogger(__name__)
 FRAME = struct.Struct("<IBI")  # payload length, kind, request id
 HELLO, WELCOME, STEP, REPLY, REFUSED, COLLECT = 1, 2, 3, 4, 5, 6
 MAX_COLLECT_BYTES = 512  # a COLLECT frame's payload: a `CollectRequest`
+MAX_COLLECTS = 64  # collects waiting at once on one connection
 KEEP, DROP, STOP = object(), object(), object()  # what to do with a frame, once its header is read
 TICKET_BYTES, NONCE_BYTES, KEY_BYTES = 16, 16, 32
 POLICIES = ("private", "always", "never")
+# Benchmarks only: every frame is handled this long after it arrived (peers) or was read (clients), to emulate a
+# network's one-way latency on loopback where the kernel offers no netem (benchmarks/generate.py --latency-ms).
+EMULATED_LATENCY_S = float(os.environ.get("SWARM_DIRECT_LATENCY_MS", "0") or 0) / 1e3
 
 
 class DirectRefused(ConnectionError):
@@ -171,6 +175,14 @@ class _Frames(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if EMULATED_LATENCY_S:
+            asyncio.get_running_loop().call_later(EMULATED_LATENCY_S, self._arrived, data)
+        else:
+            self._arrived(data)
+
+    def _arrived(self, data: bytes) -> None:
+        if self.closed:
+            return
         self.buffer += data
         try:
             while not self.closed:
@@ -246,6 +258,7 @@ class _PeerSide(_Frames):
         self.owner: str | None = None  # the ticket's owner, once the hello passed
         self.reservation = None  # the in-flight bytes held for the step whose body is arriving
         self.tasks: set[asyncio.Task] = set()
+        self.collects: dict[int, object] = {}  # request id -> its waiting collect (tail delivery)
         self.timer: asyncio.TimerHandle | None = None  # the hello, or the body of a step, must arrive by then
 
     def connection_made(self, transport) -> None:
@@ -312,10 +325,10 @@ class _PeerSide(_Frames):
             self.transport.write(frame(WELCOME, 0, welcome))
             return
         if kind == COLLECT:
-            task = asyncio.get_running_loop().create_task(self._collect(request_id, payload))
-        else:
-            reservation, self.reservation = self.reservation, None
-            task = asyncio.get_running_loop().create_task(self._step(request_id, payload, reservation))
+            self._collect(request_id, payload)
+            return
+        reservation, self.reservation = self.reservation, None
+        task = asyncio.get_running_loop().create_task(self._step(request_id, payload, reservation))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -327,8 +340,24 @@ class _PeerSide(_Frames):
         self.server.steps += 1
         await self._reply(request_id, reply)
 
-    async def _collect(self, request_id: int, data: bytes) -> None:
-        await self._reply(request_id, await self.server.service.admitted_collect(data, self.owner))
+    def _collect(self, request_id: int, data: bytes) -> None:
+        """Answered from the step's own handler when the reply arrives (`peer.tails`): written at once, no task."""
+        if len(self.collects) >= MAX_COLLECTS:
+            why = RequestRefused(f"{len(self.collects)} collects are waiting on this connection already")
+            self.transport.write(frame(REPLY, request_id, encode_message(error_to_wire(why))))
+            return
+
+        def reply(data: bytes) -> None:
+            self.collects.pop(request_id, None)
+            if self.closed:
+                return
+            self.transport.write(frame(REPLY, request_id, data))
+            if self.transport.get_write_buffer_size() > self.limits.max_message_bytes:
+                self.transport.close()  # a caller that asks and does not read: drop it
+
+        waiting = self.server.service.collect(data, self.owner, reply)
+        if waiting is not None:
+            self.collects[request_id] = waiting
 
     async def _reply(self, request_id: int, reply: bytes) -> None:
         if self.closed:
@@ -350,6 +379,9 @@ class _PeerSide(_Frames):
             self.reservation = None
         for task in self.tasks:
             task.cancel()
+        for waiting in self.collects.values():
+            self.server.service.backend.cancel_collect(waiting)
+        self.collects.clear()
 
 
 # ---- the caller's side ------------------------------------------------------------------------------
@@ -633,6 +665,8 @@ class _BlockingConnection:
         while True:
             reply_id, payload = self.read_reply(timeout)
             if reply_id == request_id:  # replies to requests whose answer was not waited for are skipped
+                if EMULATED_LATENCY_S:
+                    time.sleep(EMULATED_LATENCY_S)
                 return payload
 
     def send(self, kind: int, data: bytes, timeout: float) -> int:
@@ -695,16 +729,19 @@ class PushedStep:
         """("tail", the collected reply) or ("chain", the first peer's reply), whichever comes first; a chain reply
         equal to `skip_chain` (`DELIVERED`: the tail is on its way) is passed over for the tail."""
         while True:
-            if self._tail in self._got:
-                return "tail", self._got[self._tail]
-            if self._chain in self._got and self._got[self._chain] != skip_chain:
-                return "chain", self._got[self._chain]
+            for kind, key in (("tail", self._tail), ("chain", self._chain)):
+                if key in self._got and (kind == "tail" or self._got[key] != skip_chain):
+                    if EMULATED_LATENCY_S:
+                        time.sleep(EMULATED_LATENCY_S)
+                    return kind, self._got[key]
             self._read(self._tail if self._chain in self._got else None)
 
     def chain(self) -> bytes:
         """The first peer's reply, waited for if need be."""
         while self._chain not in self._got:
             self._read(self._chain)
+            if EMULATED_LATENCY_S and self._chain in self._got:
+                time.sleep(EMULATED_LATENCY_S)
         return self._got[self._chain]
 
     def _read(self, only: tuple | None) -> None:

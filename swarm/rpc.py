@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterator, Protocol
+from typing import AsyncIterator, Callable, Iterator, Protocol
 
 import msgpack
 from hivemind.p2p import P2PContext, ServicerBase
@@ -64,7 +64,9 @@ class Backend(Protocol):
 
     async def info(self) -> dict: ...
 
-    async def collect(self, request: CollectRequest, owner: str) -> bytes: ...
+    def collect(self, request: CollectRequest, owner: str, reply: Callable[[bytes], None]) -> object | None: ...
+
+    def cancel_collect(self, waiting: object) -> None: ...
 
 
 _HEADER = struct.Struct(">Q")  # total message size, in front of the first chunk
@@ -270,14 +272,16 @@ class BlockService(ServicerBase):
         except RequestRefused as exc:
             return encode_message(error_to_wire(exc))
 
-    async def admitted_collect(self, data: bytes, client: str) -> bytes:
-        """Tail delivery: the reply the backend kept for `client` (`CollectRequest`, a direct connection's COLLECT
-        frame), or the error reply that says why not. A waiting collect counts as a request in flight."""
+    def collect(self, data: bytes, client: str, reply: Callable[[bytes], None]) -> object | None:
+        """Tail delivery: `reply(bytes)` with the reply the backend kept for `client` (`data`: a packed
+        `CollectRequest`, a direct connection's COLLECT frame), now or when it arrives, or with the error that says
+        why not. Returns what to pass to `backend.cancel_collect` if the caller goes away first, or None."""
         try:
-            with self._admitted(client):
-                return await self.backend.collect(CollectRequest.unpack(data), client)
-        except (RequestRefused, ProtocolError) as exc:
-            return encode_message(error_to_wire(exc))
+            request = CollectRequest.unpack(data)
+        except ProtocolError as exc:
+            reply(encode_message(error_to_wire(exc)))
+            return None
+        return self.backend.collect(request, client, reply)
 
     async def rpc_step_unary(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """A small step in one message each way: ~0.8 ms round trip on loopback against ~3 ms for a stream.
