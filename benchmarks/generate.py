@@ -20,6 +20,13 @@ Push (`ClientConfig.push`: the client sends each step to the first peer, which f
 route): on by default; `--no-push` measures the client-driven path (one round trip per hop), and
 `--compare-push` measures both against the same peers, one client after the other.
 
+Tail delivery (`ClientConfig.tail_delivery`: the client collects a pushed step's reply from the last peer
+instead of through every peer): on by default; `--no-tail` turns it off, `--compare-tail` measures both.
+Loopback has no network latency, which is what tail delivery saves, and this kernel has no netem:
+`--latency-ms` delays every frame of every direct connection by that much on arrival (client and peers,
+`swarm.direct.EMULATED_LATENCY_S`), to emulate one. uvloop's timers tick in milliseconds, so a delay is
+rounded up to the next millisecond or so.
+
 Linear kernels (`--linear-kernel`, `swarm.fast_linear`): the peers, the client and the local model all
 use the same setting, so that the ratios compare the swarm with the same computation run locally.
 """

@@ -56,5 +56,8 @@ def test_hop_trace_still_finds_every_stage_of_a_pushed_step():
     stages = summary["stages_us"]
     for needle in ("client sends -> peer0 step start", "peer0 blocks start -> peer0 blocks end",
                    "peer0 next request built start -> peer0 next request built end", "peer1 decode start -> peer1 decode end",
-                   "peer1 reply encoded start -> peer1 reply encoded end", "peer0 step end -> client has the reply"):
+                   "peer1 reply kept for the client start -> peer1 reply kept for the client end",  # tail delivery,
+                   "peer1 reply kept for the client end -> peer1 reply handed to the client start"):  # the default
         assert needle in stages, sorted(stages)
+    last = list(stages)[-1]  # the client's wait ends after the last peer handed it the reply (or its step ended)
+    assert last.startswith("peer1 ") and last.endswith(" -> client has the reply"), last
