@@ -111,6 +111,9 @@ def test_demo_stops_everything_on_ctrl_c(tmp_path):
         cwd=ROOT, env={**demo_env(tmp_path, mark), "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job has
+        # ...and SIGINT not ignored, as in a terminal: a test run started in the background (`make test &`) ignores
+        # it, children inherit that, and Python then never turns Ctrl-C into KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines = []
     try:
