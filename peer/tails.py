@@ -8,8 +8,8 @@ only then answers the peer before it `DELIVERED` (docs/wire.md, "Tail delivery")
 Event-loop only, and callback-based: a collect that waits is answered from `put` itself, before the step's
 own reply leaves, so the client's answer is written first, without a task to wake in between (a task wake
 cost ~0.1 ms in the chain here, docs/performance.md). Bounded: a session keeps only its latest reply, for
-`ttl_s`, at most `max_entries` sessions, at most `max_waiting` collects wait at once, each at most its
-`timeout`, and the connection that asked drops its own when it closes (`cancel`).
+`ttl_s`, at most `max_entries` sessions and `max_bytes` in all, at most `max_waiting` collects wait at
+once, each at most its `timeout`, and the connection that asked drops its own when it closes (`cancel`).
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ class Waiter:
 
 
 class Tails:
-    def __init__(self, ttl_s: float = 60.0, max_entries: int = 4096, max_waiting: int = 1024):
-        self.ttl_s, self.max_entries, self.max_waiting = ttl_s, max_entries, max_waiting
-        self._kept: OrderedDict[str, _Kept] = OrderedDict()  # session id -> its latest delivered reply
+    def __init__(self, ttl_s: float = 60.0, max_entries: int = 4096, max_bytes: int = 256 * 2**20, max_waiting: int = 1024):
+        self.ttl_s, self.max_entries, self.max_bytes, self.max_waiting = ttl_s, max_entries, max_bytes, max_waiting
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()  # session id -> its latest delivered reply, oldest first
+        self._kept_bytes = 0
         self._waiting: dict[tuple[str, int], list[Waiter]] = {}
         self._num_waiting = 0
         self.delivered = 0  # replies kept (rpc_info: "tails_delivered")
@@ -57,10 +58,15 @@ class Tails:
     def put(self, delivery: Delivery) -> None:
         """Keep `delivery` (replacing the session's older one) and answer the collects waiting for it."""
         now = time.monotonic()
-        self._kept.pop(delivery.session_id, None)
+        old = self._kept.pop(delivery.session_id, None)
+        self._kept_bytes += len(delivery.data) - (len(old.delivery.data) if old is not None else 0)
         self._kept[delivery.session_id] = _Kept(delivery, now)
-        while self._kept and (len(self._kept) > self.max_entries or now - next(iter(self._kept.values())).at > self.ttl_s):
-            self._kept.popitem(last=False)
+        while len(self._kept) > 1 and (
+            len(self._kept) > self.max_entries or self._kept_bytes > self.max_bytes
+            or now - next(iter(self._kept.values())).at > self.ttl_s
+        ):
+            _, gone = self._kept.popitem(last=False)
+            self._kept_bytes -= len(gone.delivery.data)
         self.delivered += 1
         for waiter in self._waiting.pop((delivery.session_id, delivery.step), ()):
             self._unwait(waiter)

@@ -745,17 +745,18 @@ class PushedStep:
         return self._got[self._chain]
 
     def _read(self, only: tuple | None) -> None:
+        """Read one reply from whichever connection has one (`only`'s connection, if given)."""
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("no reply from the chain or its last peer in time")
-        conns = [only[0]] if only is not None else list(dict.fromkeys(c for c, _ in (self._chain, self._tail)))
-        ready = conns if len(conns) == 1 else select.select([c.sock for c in conns], [], [], remaining)[0]
-        if not ready:
-            raise TimeoutError("no reply from the chain or its last peer in time")
-        for conn in conns:
-            if conn is ready[0] or conn.sock is ready[0]:
-                reply_id, payload = conn.read_reply(max(remaining, 1e-3))
-                for key in (self._chain, self._tail):
-                    if key[0] is conn and key[1] == reply_id:
-                        self._got[key] = payload
-                return
+        conns = [only[0]] if only is not None else list(dict.fromkeys((self._chain[0], self._tail[0])))
+        conn = conns[0]
+        if len(conns) > 1:
+            ready = select.select([c.sock for c in conns], [], [], remaining)[0]
+            if not ready:
+                raise TimeoutError("no reply from the chain or its last peer in time")
+            conn = next(c for c in conns if c.sock is ready[0])
+        reply_id, payload = conn.read_reply(remaining)
+        for key in (self._chain, self._tail):
+            if key[0] is conn and key[1] == reply_id:
+                self._got[key] = payload

@@ -119,6 +119,27 @@ def make_split(path, ranges, push=True, visible=None, tail=False):
     return model, peers, transport, directory, routers[0]
 
 
+class AtToken:
+    """A `generate` streamer that calls `action()` when the `n`-th batch of tokens comes (the prompt is the first)."""
+
+    def __init__(self, n: int, action):
+        self.n, self.action, self.seen = n, action, 0
+
+    def put(self, value) -> None:
+        self.seen += 1
+        if self.seen == self.n:
+            self.action()
+
+    def end(self) -> None:
+        pass
+
+
+def route_now(router):
+    """The hops of the router's one open session."""
+    (state,) = router._states.values()
+    return state.hops
+
+
 def ids(n=5, seed=0):
     return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 
@@ -146,20 +167,11 @@ def test_a_pushed_step_is_one_client_call_and_gives_the_same_tokens(llama, push,
 def test_a_peer_dying_inside_the_chain_is_replaced_and_replayed_exactly(llama, where, tail):
     path, local = llama
     split, peers, transport, *_ = make_split(path, [(0, 2), (2, 4), (4, 6), (2, 4), (4, 6)], tail=tail)
-    tokens = []
-
-    class Kill:
-        def put(self, value):
-            tokens.append(value)
-            if len(tokens) == 8:  # the prompt and 7 new tokens: kill whichever peer serves that part of the route now
-                hops = split.swarm_capture.router._states[next(iter(split.swarm_capture.router._states))].hops
-                transport.dead.add(hops[1 if where == "middle" else 2].hop.peer_id)
-
-        def end(self):
-            pass
-
+    router = split.swarm_capture.router
+    # after the prompt and 7 new tokens: kill whichever peer serves that part of the route now
+    kill = AtToken(8, lambda: transport.dead.add(route_now(router)[1 if where == "middle" else 2].hop.peer_id))
     with split.inference_session(max_length=64) as cache:
-        out = split.generate(ids(), streamer=Kill(), **GREEDY)
+        out = split.generate(ids(), streamer=kill, **GREEDY)
         hops = cache._swarm_session.hops
     assert torch.equal(out, local.generate(ids(), **GREEDY))
     (dead,) = transport.dead
@@ -190,20 +202,9 @@ def test_a_delivered_reply_the_client_cannot_collect_goes_on_hop_by_hop(llama):
     kept), the last peer is replaced by its replica and the session replayed there: the same tokens."""
     path, local = llama
     split, peers, transport, _, router = make_split(path, [(0, 2), (2, 4), (4, 6), (4, 6)], tail=True, visible=[0, 1, 2, 3])
-    tokens = []
-
-    class Cut:
-        def put(self, value):
-            tokens.append(value)
-            if len(tokens) == 6:
-                hops = router._states[next(iter(router._states))].hops
-                transport.cut.add(hops[2].hop.peer_id)
-
-        def end(self):
-            pass
-
+    cut = AtToken(6, lambda: transport.cut.add(route_now(router)[2].hop.peer_id))
     with split.inference_session(max_length=64) as cache:
-        out = split.generate(ids(), streamer=Cut(), **GREEDY)
+        out = split.generate(ids(), streamer=cut, **GREEDY)
         hops = cache._swarm_session.hops
     assert torch.equal(out, local.generate(ids(), **GREEDY))
     (cut,) = transport.cut

@@ -111,14 +111,20 @@ def test_a_collect_gets_its_clients_reply_before_or_after_it_arrives_and_nothing
     run(main())
 
 
-def test_kept_replies_are_bounded_in_number_and_time():
-    tails = Tails(ttl_s=60.0, max_entries=3)
+def test_kept_replies_are_bounded_in_number_bytes_and_time():
+    tails = Tails(ttl_s=60.0, max_entries=3, max_bytes=25)
     for k in range(5):
         tails.put(Delivery(f"s{k}", 0, "alice", b"x"))
     assert list(tails._kept) == ["s2", "s3", "s4"]
+    tails.put(Delivery("s3", 1, "alice", b"y" * 20))  # replaces s3's older reply; 22 bytes kept in all
+    assert list(tails._kept) == ["s2", "s4", "s3"] and tails._kept_bytes == 22
+    tails.put(Delivery("s6", 0, "alice", b"z" * 10))  # over 25 bytes: the oldest go first
+    assert list(tails._kept) == ["s6"] and tails._kept_bytes == 10
+    tails.put(Delivery("s7", 0, "alice", b"w" * 100))  # the newest stays, whatever its size
+    assert list(tails._kept) == ["s7"]
     tails.ttl_s = 0.0  # every older one expired by the next put
-    tails.put(Delivery("s5", 0, "alice", b"x"))
-    assert list(tails._kept) == ["s5"]
+    tails.put(Delivery("s8", 0, "alice", b"x"))
+    assert list(tails._kept) == ["s8"] and tails._kept_bytes == 1
 
 
 def test_tail_and_trail_fields_are_validated():
