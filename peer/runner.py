@@ -84,6 +84,7 @@ class BlockRunner:
         self._lock = threading.Lock()
         self.merged_steps = 0  # forwards that ran several sessions' steps as one batch
         self.merged_rows = 0  # rows those forwards carried
+        self.merged_max_rows = 0  # rows of the largest of them
         self.merged_in_place = 0  # of those forwards, the ones whose sessions' caches were the last merge's tensors (no copy)
 
     # ---- sessions -------------------------------------------------------------------------------------
@@ -298,7 +299,9 @@ class BlockRunner:
             logger.debug("merged step of %d sessions did not run: %s", len(group), exc)
             return False
         self.merged_steps += 1
-        self.merged_rows += sum(req.hidden.shape[0] for _, req, _ in group)
+        rows = sum(req.hidden.shape[0] for _, req, _ in group)
+        self.merged_rows += rows
+        self.merged_max_rows = max(self.merged_max_rows, rows)
         for (k, req, session), hidden in zip(group, outs):
             put(k, self._finish(session, hidden))
         return True

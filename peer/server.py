@@ -177,6 +177,7 @@ class PeerServer:
             "sessions": runner.num_sessions if runner else 0,
             "merged_steps": runner.merged_steps if runner else 0,  # forwards that ran several sessions' steps at once
             "merged_rows": runner.merged_rows if runner else 0,
+            "merged_max_rows": runner.merged_max_rows if runner else 0,
             "merged_in_place": runner.merged_in_place if runner else 0,  # of those, without copying the caches together
             "inline_steps": self._compute.inline,  # steps run on the event loop, not handed to the compute thread
             "forwarded": self.forwarder.forwarded if self.forwarder else 0,

@@ -117,7 +117,7 @@ def test_16_concurrent_sessions_of_64_tokens_on_3_peers(model):
             transport = client.swarm_connection.transport
             infos = {span.peer_id: transport.info(span.peer_id) for span in client.swarm_capture.router.spans()}
             merged = {peer: info["merged_steps"] for peer, info in infos.items()}
-            rows = {peer: info["merged_rows"] for peer, info in infos.items()}
+            rows = {peer: info["merged_max_rows"] for peer, info in infos.items()}
             kernels = [info["linear_kernel_rows"] for info in infos.values()]
             in_place = {peer: info["merged_in_place"] for peer, info in infos.items()}
         finally:
@@ -130,8 +130,8 @@ def test_16_concurrent_sessions_of_64_tokens_on_3_peers(model):
     assert not wrong, f"sessions {wrong} differ from the local model"
     # the peers ran some of the sessions' decode steps merged into one batch (peer/merge.py), and exactly
     assert len(merged) == 3 and all(m > 0 for m in merged.values()), merged
-    # only 4 sessions share each prompt length: merges of more rows spanned positions (padded)
-    assert all(rows[p] > 4 * merged[p] for p in merged), (rows, merged)
+    # only 4 sessions share each prompt length: a merge of more rows spanned positions (padded)
+    assert all(rows[p] > 4 for p in merged), (rows, merged)
     # some merges found the caches as the last merge had stacked them and used them without a copy (peer/merge.py)
     assert all(n > 0 for n in in_place.values()), in_place
     # every peer measured its linear layers' kernels (swarm.fast_linear): the Llama's four weight shapes

@@ -182,6 +182,7 @@ def test_sessions_that_cannot_merge_still_match(tmp_path):
     runners = [p.handler.runner for p in peers]
     # 9 decode steps of the two unpadded sessions, merged; the padded batch's 2 rows never joined them
     assert [r.merged_steps for r in runners] == [9, 9, 9] and [r.merged_rows for r in runners] == [18, 18, 18]
+    assert [r.merged_max_rows for r in runners] == [2, 2, 2]
 
 
 def _cache(length: int, rows: int = 1, seed: int = 0):
