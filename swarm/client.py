@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -31,7 +32,7 @@ from swarm.remote import bind_session
 from swarm.router import PeerUnreachable, ReplyLost, RetryPolicy, SwarmRouter
 from swarm.routing import Span
 from swarm.direct import POLICIES as DIRECT_POLICIES
-from swarm.direct import BlockingDirectClient, PushedStep, fetch_offer
+from swarm.direct import BlockingDirectClient, fetch_offer
 from swarm.fast_linear import KERNELS as LINEAR_KERNELS
 from swarm.fast_linear import speed_up_linears
 from swarm.rpc import EmptyStream, Stubs, call_step
@@ -131,20 +132,30 @@ class P2PTransport:
             raise PeerUnreachable(f"peer {peer_id} failed: {type(exc).__name__}: {exc}") from exc
 
     def collects(self, first: str, last: str) -> bool:
-        """Whether a pushed step can be sent with tail delivery: direct connections to both peers."""
-        return self.direct.connection(first) is not None and self.direct.connection(last) is not None
+        """Tail delivery works over direct connections and over libp2p alike."""
+        return True
 
-    def push(self, first: str, request: bytes, last: str, collect: CollectRequest, timeout: float) -> PushedStep:
-        """A pushed step to `first`, and the collect of its reply from `last` (tail delivery, `collects` said yes)."""
+    def push(self, first: str, request: bytes, last: str, collect: CollectRequest, timeout: float):
+        """A pushed step to `first`, and the collect of its reply from `last` (tail delivery): over direct connections
+        from this thread when both peers have one, else both over libp2p, from the client's event loop."""
         try:
-            pushed = self.direct.push(first, request, last, collect.pack(), timeout)
+            if self.direct.connection(first) is not None and self.direct.connection(last) is not None:
+                pushed = self.direct.push(first, request, last, collect.pack(), timeout)
+                if pushed is not None:
+                    return pushed
+            chain = asyncio.run_coroutine_threadsafe(call_step(self.stubs.get(first), request), self.loop.loop)
+            tail = asyncio.run_coroutine_threadsafe(self._collect(last, collect.pack()), self.loop.loop)
         except Exception as exc:  # noqa: BLE001 - a connection that failed under the send: the step did not go
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             raise PeerUnreachable(f"peer {first} or {last} failed: {type(exc).__name__}: {exc}") from exc
-        if pushed is None:
-            raise PeerUnreachable(f"no direct connection to peer {first} or {last} any more")
-        return pushed
+        return FuturePushed(chain, tail, time.monotonic() + timeout)
+
+    async def _collect(self, peer_id: str, data: bytes) -> bytes:
+        from hivemind.proto import runtime_pb2
+
+        reply = await self.stubs.get(peer_id).rpc_collect(runtime_pb2.ExpertRequest(metadata=data))
+        return reply.metadata
 
     def close_session(self, peer_id: str, session_id: str, wait: bool = True) -> None:
         """Close a session on a peer; `wait=False` (from garbage-collection finalisers) only schedules it."""
@@ -169,6 +180,45 @@ class P2PTransport:
 
         reply = self.loop.run(call(), timeout=self.config.step_timeout)
         return msgpack.unpackb(reply.metadata, raw=False)
+
+
+class FuturePushed:
+    """`swarm.direct.PushedStep`'s interface over two calls running on the client's event loop (libp2p): the
+    first peer's reply (the chain's answer) and the last peer's (the collected tail), whichever first."""
+
+    def __init__(self, chain: concurrent.futures.Future, tail: concurrent.futures.Future, deadline: float):
+        self._chain, self._tail, self.deadline = chain, tail, deadline
+
+    def first(self, skip_chain: bytes | None = None) -> tuple[str, bytes]:
+        waiting = {self._chain, self._tail}
+        while True:
+            if self._tail.done():
+                return "tail", self._result(self._tail)
+            if self._chain.done():
+                raw = self._result(self._chain)
+                if raw != skip_chain:
+                    self._tail.cancel()  # the chain broke: the last peer's reply will not come
+                    return "chain", raw
+                waiting.discard(self._chain)
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise PeerUnreachable("no reply from the chain or its last peer in time")
+            concurrent.futures.wait(waiting, remaining, return_when=concurrent.futures.FIRST_COMPLETED)
+
+    def chain(self) -> bytes:
+        concurrent.futures.wait([self._chain], max(self.deadline - time.monotonic(), 0))
+        return self._result(self._chain)
+
+    def _result(self, future: concurrent.futures.Future) -> bytes:
+        if not future.done():
+            future.cancel()
+            raise PeerUnreachable("no reply from the chain or its last peer in time")
+        try:
+            return future.result()
+        except BaseException as exc:  # noqa: BLE001 - P2P errors of every kind mean the same to the caller
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise PeerUnreachable(f"{type(exc).__name__}: {exc}") from exc
 
 
 class SwarmConnection:

@@ -41,14 +41,13 @@ from typing import Callable
 import msgpack
 
 from swarm.aio import within
-from swarm.protocol import RequestRefused, error_to_wire
+from swarm.protocol import MAX_COLLECT_BYTES, RequestRefused, error_to_wire
 from swarm.wire import encode_message
 
 logger = logging.getLogger(__name__)
 
 FRAME = struct.Struct("<IBI")  # payload length, kind, request id
 HELLO, WELCOME, STEP, REPLY, REFUSED, COLLECT = 1, 2, 3, 4, 5, 6
-MAX_COLLECT_BYTES = 512  # a COLLECT frame's payload: a `CollectRequest`
 MAX_COLLECTS = 64  # collects waiting at once on one connection
 KEEP, DROP, STOP = object(), object(), object()  # what to do with a frame, once its header is read
 TICKET_BYTES, NONCE_BYTES, KEY_BYTES = 16, 16, 32

@@ -48,6 +48,7 @@ MAX_INDEX_ROWS = 1 << 16  # elements of a reorder/select index tensor
 MAX_NAME_CHARS = 128  # session id, cache class, attention implementation, peer ids, session keys
 MAX_CHAIN = 64  # hops a pushed step may name after the one it is sent to
 MAX_HOP_TIMEOUT_S = 3600.0  # what a pushed step may ask each hop to be waited for
+MAX_COLLECT_BYTES = 512  # a packed `CollectRequest` (a session id of 128 characters takes ~150)
 
 # Tail delivery: what the chain answers back once the last peer kept its reply for the client to collect. Always
 # these bytes (the codec is deterministic), so a forwarding peer recognises it without decoding it.
@@ -344,6 +345,8 @@ class CollectRequest:
 
     @classmethod
     def unpack(cls, data: bytes) -> "CollectRequest":
+        if len(data) > MAX_COLLECT_BYTES:
+            raise ProtocolError(f"a collect request of {len(data)} bytes exceeds {MAX_COLLECT_BYTES}")
         try:
             msg = msgpack.unpackb(data, raw=False, max_ext_len=0, max_bin_len=0, max_map_len=0, max_array_len=4)
         except Exception as exc:  # noqa: BLE001 - any msgpack failure means the same here

@@ -81,7 +81,7 @@ class Transport(Protocol):
     def close_session(self, peer_id: str, session_id: str, wait: bool = True) -> None: ...
 
     # Optional, for tail delivery (a transport without them pushes steps the nested way):
-    # collects(first, last) -> bool: whether `push` can reach both peers (direct connections);
+    # collects(first, last) -> bool: whether `push` can collect from the last peer;
     # push(first, request, last, collect: CollectRequest, timeout) -> swarm.direct.PushedStep (or the same interface).
 
 
@@ -511,7 +511,7 @@ class SwarmRouter:
         large for one unary message is not pushed (k = 0). The first hop's own error reply counts as that peer's
         failure (`_PeerFailed` / `RemoteError`), exactly as without push.
 
-        With tail delivery (the transport has direct connections to the first and the last peer), the last peer
+        With tail delivery (`tail`, and a transport that `collects`), the last peer
         keeps its reply, with every hop's output, and the client collects it from there while the chain answers
         `DELIVERED`: the reply does not travel back through every peer.
         """

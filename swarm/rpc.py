@@ -283,6 +283,22 @@ class BlockService(ServicerBase):
             return None
         return self.backend.collect(request, client, reply)
 
+    async def rpc_collect(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Tail delivery over libp2p: `metadata` is a packed `CollectRequest`, answered as a direct connection's
+        COLLECT frame is (the kept reply, or an error map). A caller that gives up takes its wait along."""
+        answer = asyncio.get_running_loop().create_future()
+        waiting = self.collect(request.metadata, context.remote_id.to_base58(),
+                               lambda data: answer.done() or answer.set_result(data))
+        try:
+            data = await answer
+        finally:
+            if waiting is not None and not answer.done():
+                self.backend.cancel_collect(waiting)
+        if len(data) > UNARY_MAX_BYTES:
+            why = MessageTooLarge(f"the kept reply ({len(data)} bytes) does not fit one unary message; ask the chain")
+            data = encode_message(error_to_wire(why))
+        return runtime_pb2.ExpertResponse(metadata=data)
+
     async def rpc_step_unary(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """A small step in one message each way: ~0.8 ms round trip on loopback against ~3 ms for a stream.
 

@@ -426,6 +426,25 @@ def test_e2e_pushed_generation_equals_local_with_one_client_call_per_step(llama8
             client.swarm_connection.close()
 
 
+def test_e2e_tail_delivery_over_libp2p_gives_the_same_tokens(llama8, swarm):
+    """A client without direct connections (`direct="never"`) pushes its steps and collects every reply from the last
+    peer over libp2p (`rpc_collect`); the peers still forward to each other directly."""
+    model, local = llama8
+    _, dht, peers = swarm
+    client = connect(model, dht, direct="never")
+    try:
+        collected = forwarded(client, peers, "tails_collected")
+        router = client.swarm_capture.router
+        router.transport = CountingTransport(router.transport)
+        with client.inference_session(max_length=64):
+            out = client.generate(PROMPT, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, local.generate(PROMPT, max_new_tokens=8, do_sample=False, pad_token_id=0))
+        assert router.transport.calls == 8 and router.transport.inner.direct.steps == 0
+        assert sum(v - collected[n] for n, v in forwarded(client, peers, "tails_collected").items()) == 8
+    finally:
+        client.swarm_connection.close()
+
+
 @pytest.mark.parametrize("signal_, position", [(signal.SIGKILL, 1), (signal.SIGSTOP, 2)], ids=["kill-9-middle", "sigstop-last"])
 def test_e2e_a_peer_failing_inside_a_pushed_route_gives_the_same_tokens(llama8, swarm, signal_, position):
     model, local = llama8
