@@ -123,6 +123,8 @@ def main() -> None:
                         help="the client's sessions share one product of the output layer (ClientConfig.share_head)")
     parser.add_argument("--linear-kernel", choices=KERNELS, default="auto",
                         help="peers' and client's fp32 linear kernel (swarm.fast_linear)")
+    parser.add_argument("--tail", action=argparse.BooleanOptionalAction, default=True,
+                        help="pushed steps collect the last peer's reply from it (ClientConfig.tail_delivery)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -139,7 +141,8 @@ def main() -> None:
         for proc in launched:
             procs.wait_ready(proc)
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            path, initial_peers=[dht], client_config=ClientConfig(share_head=args.share_head, linear_kernel=args.linear_kernel))
+            path, initial_peers=[dht], client_config=ClientConfig(share_head=args.share_head, linear_kernel=args.linear_kernel,
+                                                     tail_delivery=args.tail))
         run_sessions(model, prompts[:1], args.new_tokens)  # warm-up
         run_sessions(model, prompts, args.new_tokens)
         single = [args.new_tokens / run_sessions(model, prompts[:1], args.new_tokens) for _ in range(args.runs)]
