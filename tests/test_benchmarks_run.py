@@ -62,5 +62,6 @@ def test_hop_trace_still_finds_every_stage_of_a_pushed_step():
                    "peer1 reply kept for the client start", "peer1 reply kept for the client end",  # tail delivery,
                    "peer1 reply handed to the client start"):  # the default
         assert needle in events, sorted(stages)
-    # the client's wait ends last: after the last peer handed it the reply (and, or not yet, the chain's answer)
+    order = [stage.split(" -> ")[0] for stage in stages]  # the client's wait ends after the last peer handed it the reply
     assert list(stages)[-1].endswith(" -> client has the reply"), list(stages)[-1]
+    assert order.index("peer1 reply handed to the client start") < len(order), order
