@@ -51,9 +51,6 @@ def register(sub) -> None:
     p.add_argument("--inline-max-ms", type=float, default=50.0,
                    help="a lone session's step expected to take less than this runs on the peer's event loop, "
                         "without the hand-off to its compute thread (default: 50; 0: never)")
-    p.add_argument("--send-ahead", action=argparse.BooleanOptionalAction, default=True,
-                   help="a lone pushed step's next request goes to the next peer before this peer's blocks run, so "
-                        "that peer decodes it meanwhile; the output follows alone (direct connections; default: on)")
     p.add_argument("--linear-kernel", choices=("auto", "torch"), default="auto",
                    help="fp32 CPU linear layers over several rows (merged sessions, prefills): 'auto' runs them on "
                         "oneDNN from the rows where it measures faster at start-up; 'torch': torch's own kernel")
@@ -108,7 +105,6 @@ def run_one(args: argparse.Namespace) -> int:
         num_threads=args.num_threads,
         batch_wait_ms=args.batch_wait_ms,
         inline_max_ms=args.inline_max_ms,
-        send_ahead=args.send_ahead,
         linear_kernel=args.linear_kernel,
         direct=args.direct,
         direct_port=args.direct_port,
@@ -142,8 +138,6 @@ def peer_argv(args: argparse.Namespace, index: int, gpus: list[str]) -> list[str
         value = getattr(args, dest)
         if value is not None:
             argv += [flag, str(value)]
-    if not args.send_ahead:
-        argv.append("--no-send-ahead")
     if args.port:
         argv += ["--port", str(args.port + index)]
     if args.direct_port:

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 
 from swarm.aio import within
 from swarm.chain import Forward, ForwardFailed
 from swarm.direct import DirectClient
 from swarm.protocol import ProtocolError
 from swarm.rpc import Stubs, call_step
-from swarm.wire import encode_message
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +45,7 @@ class Forwarder:
         except ValueError as exc:
             return plan.reply(failure=ProtocolError(f"next.peer {plan.peer!r:.140} is not a base58 peer id: {exc}"))
         try:
-            if plan.ahead is not None:  # the request went ahead over a direct connection: only the output goes now
-                conn, request_id = plan.ahead
-                then = await within(conn.post(request_id, encode_message(plan.hidden)), plan.timeout)
-            else:
-                then = await within(call_step(stub, plan.request, self.direct, plan.peer), plan.timeout)
+            then = await within(call_step(stub, plan.request, self.direct, plan.peer), plan.timeout)
         except asyncio.CancelledError:
             raise  # our own caller gave up (the client's wait ended): nobody to reply to
         except Exception as exc:  # noqa: BLE001 - every failure of the call means the same to the client
@@ -63,31 +57,3 @@ class Forwarder:
             return plan.reply(failure=ForwardFailed(f"could not forward the step to peer {plan.peer}: {reason}"))
         self.forwarded += 1
         return plan.reply(then=then)
-
-
-class SendAhead:
-    """`peer.handler.Ahead` over the forwarder's direct connections: a lone pushed step's next request goes to the next
-    peer before this peer's blocks run (an AHEAD frame), its output after them (POST, `Forwarder.send`).
-
-    Only from the event loop's own thread (the steps it runs inline, `peer.batcher`), which owns the connections, and
-    only over a connection already open (the step's first forward opened it): anything else goes the usual way."""
-
-    def __init__(self, forwarder: Forwarder):
-        self.forwarder = forwarder
-        self.thread = threading.get_ident()  # made on the event loop
-
-    def send(self, forward: Forward) -> tuple | None:
-        direct = self.forwarder.direct
-        if direct is None or threading.get_ident() != self.thread:
-            return None
-        conn = direct.open_connection(forward.peer)
-        if conn is None:
-            return None
-        try:
-            return conn, conn.send_ahead(forward.request)
-        except ConnectionError:
-            return None
-
-    def abandon(self, handle: tuple) -> None:
-        conn, request_id = handle
-        conn.abandon(request_id)

@@ -20,8 +20,8 @@ import torch
 
 from peer.capacity import InsufficientMemory, block_footprint, capacity_blocks, shortage_message
 from peer.batcher import ComputeQueue
-from peer.forward import Forwarder, SendAhead
-from peer.handler import Posted, Prepared, StepHandler
+from peer.forward import Forwarder
+from peer.handler import StepHandler
 from peer.loader import load_blocks
 from peer.resources import probe_device
 from peer.runner import BlockRunner, RunnerLimits
@@ -75,7 +75,6 @@ class PeerConfig:
     # (swarm.fast_linear), "torch": torch's own kernel
     batch_wait_ms: float = 50.0  # a step may wait this long (and at most one batch's time) for other active sessions' steps
     inline_max_ms: float = 50.0  # a lone session's step expected to take less runs on the event loop (peer.batcher); 0: never
-    send_ahead: bool = True  # a lone pushed step's next request goes to the next peer before the blocks run (peer.forward)
     limits: RunnerLimits = field(default_factory=RunnerLimits)
 
     def __post_init__(self) -> None:
@@ -114,7 +113,6 @@ class PeerServer:
             inline_max_s=config.inline_max_ms / 1e3,
         )
         self.forwarder: Forwarder | None = None  # sends pushed steps on to the next peer (set once the P2P is up)
-        self.ahead: SendAhead | None = None  # sends their next requests before the blocks run (config.send_ahead)
         self.tails = Tails()  # tail delivery: last hops' replies kept for their clients to collect
         self._stopping: asyncio.Event | None = None
         self._service: BlockService | None = None
@@ -124,21 +122,7 @@ class PeerServer:
     async def step(self, data: bytes, owner: str) -> bytes:
         if self.handler is None:
             return self._not_serving()
-        return await self._answer(await self._compute.submit(data, owner))
-
-    def prepare_step(self, data: bytes, owner: str) -> Prepared:
-        handler = self.handler
-        if handler is None:
-            return Prepared(None, NotServing(f"peer is {self.state} and serves no blocks right now"), len(data))
-        return handler.prepare(data)
-
-    async def step_posted(self, prepared: Prepared, hidden: bytes, owner: str) -> bytes:
-        if self.handler is None:
-            return self._not_serving()
-        return await self._answer(await self._compute.submit(Posted(prepared, hidden), owner))
-
-    async def _answer(self, reply) -> bytes:
-        """A step's reply to its caller, once the pushed step's forward or tail delivery is done."""
+        reply = await self._compute.submit(data, owner)
         if isinstance(reply, Delivery):  # the last hop of a pushed step: its client collects the reply from here
             self.tails.put(reply)
             return DELIVERED
@@ -197,8 +181,6 @@ class PeerServer:
             "merged_in_place": runner.merged_in_place if runner else 0,  # of those, without copying the caches together
             "inline_steps": self._compute.inline,  # steps run on the event loop, not handed to the compute thread
             "forwarded": self.forwarder.forwarded if self.forwarder else 0,
-            "sent_ahead": self.handler.sent_ahead if self.handler else 0,  # of those, their request sent before the blocks
-            "direct_posted": self._service.direct.posted if self._service and self._service.direct else 0,
             "forward_failures": self.forwarder.failed if self.forwarder else 0,
             "tails_delivered": self.tails.delivered,  # last hops' replies kept for their clients (tail delivery)
             "tails_collected": self.tails.collected,
@@ -247,7 +229,7 @@ class PeerServer:
     def _serve_range(self, start: int, end: int) -> None:
         limits = dataclasses.replace(self.config.limits, max_cache_tokens=self.config.cache_tokens)
         runner = BlockRunner(self._load(start, end), limits)
-        self.runner, self.handler = runner, StepHandler(runner, ahead=self.ahead)
+        self.runner, self.handler = runner, StepHandler(runner)
 
     def record(self) -> PeerRecord:
         mem = probe_device(self.config.device, self.config.max_memory)
@@ -315,8 +297,6 @@ class PeerServer:
             p2p = await self.dht.replicate_p2p()
             service = self._service = BlockService(backend=self)
             self.forwarder = Forwarder(p2p, DirectClient(policy=cfg.direct) if cfg.direct != "never" else None)
-            if cfg.send_ahead and self.forwarder.direct is not None:
-                self.ahead = SendAhead(self.forwarder)
             if cfg.direct != "never":
                 service.direct = DirectServer(service, cfg.host, cfg.direct_port, hosts=self._direct_hosts())
                 await service.direct.start()

@@ -49,7 +49,6 @@ class Forward:
     request: bytes | None  # the next hop's encoded request; None when it could not be built (see `error`)
     error: ProtocolError | None  # the chain entry was unusable: the client's fault, replied with retry: false
     timeout: float  # seconds to wait for the next peer's reply: hop_timeout x the hops from there on
-    ahead: object = None  # the next request went ahead, before the blocks ran (`send_ahead`): only `hidden` goes now
 
     def reply(self, then: bytes | None = None, failure: BaseException | None = None) -> bytes:
         """This peer's reply: its output, plus the next peer's reply bytes or the failure that stands for it
@@ -97,26 +96,6 @@ def plan_forward(request: StepRequest, hidden: torch.Tensor, caller: str) -> For
     except (TypeError, ValueError) as exc:
         return Forward(link.peer, out, None, ProtocolError(f"next.request cannot be forwarded: {exc}"), timeout)
     return Forward(link.peer, out, data_next, None, timeout)
-
-
-# The hidden state of a request sent ahead (`plan_ahead`): tensor 0 of its message, sent later on its own.
-_AHEAD = torch.empty(0)
-
-
-def plan_ahead(request: StepRequest, caller: str) -> Forward | None:
-    """The forward of a pushed step planned before its blocks run: the next request as `plan_forward` builds it,
-    with an empty tensor 0 for this peer's output, which follows on its own once computed (`posted`). The next peer
-    decodes and checks the request meanwhile (`wire.decode_message(hold_first=True)`), so only the hidden state is
-    left to read when it comes: a hop's largest piece of work leaves the chain's critical path. None when the request
-    names no next hop, or its link cannot be forwarded (then `plan_forward` says why, after the blocks)."""
-    forward = plan_forward(request, _AHEAD, caller)
-    return forward if forward is not None and forward.error is None else None
-
-
-def posted(ahead: Forward, hidden: torch.Tensor, handle: object) -> Forward:
-    """The forward whose request went ahead (`plan_ahead`, sent under `handle`), now that this peer's output is
-    `hidden`: only that travels on."""
-    return Forward(ahead.peer, raw_tensor(hidden), None, None, ahead.timeout, handle)
 
 
 def _link_message(link: ChainLink, tree, hidden: RawTensor, trail=()) -> bytes:
@@ -181,4 +160,4 @@ def unlinked(request: StepRequest) -> list[tuple[str, StepRequest]]:
 
 
 __all__ = ["DEFAULT_HOP_TIMEOUT_S", "FORWARDED_KEYS", "Delivery", "Forward", "ForwardFailed", "PUSH_MAX_BYTES", "deliver",
-           "link_hops", "plan_ahead", "plan_forward", "posted", "unlinked"]
+           "link_hops", "plan_forward", "unlinked"]

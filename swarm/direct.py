@@ -18,11 +18,6 @@ listen on the same interface as their libp2p host (docs/decisions.md).
 
 Frames, both ways: a 9-byte header (payload length u32, kind u8, request id u32, little-endian),
 then the payload. Requests on one connection are answered as they finish, matched by id.
-
-A peer forwarding a pushed step may send the next request ahead of its own output (AHEAD, before its
-blocks run), then the output alone under the same id (POST), or ABANDON it when there is none: the next
-peer decodes and checks the request while the first computes (`peer.handler.Prepared`). At most
-`MAX_AHEAD` wait per connection (the oldest is dropped), each holding its bytes' in-flight reservation.
 """
 
 from __future__ import annotations
@@ -52,9 +47,8 @@ from swarm.wire import encode_message
 logger = logging.getLogger(__name__)
 
 FRAME = struct.Struct("<IBI")  # payload length, kind, request id
-HELLO, WELCOME, STEP, REPLY, REFUSED, COLLECT, AHEAD, POST, ABANDON = 1, 2, 3, 4, 5, 6, 7, 8, 9
+HELLO, WELCOME, STEP, REPLY, REFUSED, COLLECT = 1, 2, 3, 4, 5, 6
 MAX_COLLECTS = 64  # collects waiting at once on one connection
-MAX_AHEAD = 8  # requests sent ahead (AHEAD) waiting for their hidden state (POST) on one connection
 KEEP, DROP, STOP = object(), object(), object()  # what to do with a frame, once its header is read
 TICKET_BYTES, NONCE_BYTES, KEY_BYTES = 16, 16, 32
 POLICIES = ("private", "always", "never")
@@ -118,7 +112,6 @@ class DirectServer:
         self.max_connections = max_connections  # open at once, authenticated or not (each holds a socket)
         self.clock = clock
         self.steps = 0  # steps answered over direct connections (rpc_info: "direct_steps")
-        self.posted = 0  # of those, steps sent ahead of their hidden state (rpc_info: "direct_posted")
         self.connections = 0  # connections open now
         self._tickets: dict[bytes, _Ticket] = {}
         self._server: asyncio.AbstractServer | None = None
@@ -265,7 +258,6 @@ class _PeerSide(_Frames):
         self.reservation = None  # the in-flight bytes held for the step whose body is arriving
         self.tasks: set[asyncio.Task] = set()
         self.collects: dict[int, object] = {}  # request id -> its waiting collect (tail delivery)
-        self.ahead: dict[int, tuple] = {}  # request id -> (its prepared step, its reservation), until its POST comes
         self.timer: asyncio.TimerHandle | None = None  # the hello, or the body of a step, must arrive by then
 
     def connection_made(self, transport) -> None:
@@ -297,12 +289,7 @@ class _PeerSide(_Frames):
             if len(self.buffer) < length:
                 self.timer = asyncio.get_running_loop().call_later(self.limits.receive_timeout_s, self.transport.close)
             return KEEP
-        if kind == ABANDON:
-            if length:
-                self.refuse(request_id, f"an abandon frame carries nothing, got {length} bytes")
-                return STOP
-            return KEEP
-        if kind not in (STEP, AHEAD, POST):
+        if kind != STEP:
             self.refuse(request_id, f"unexpected frame kind {kind}")
             return STOP
         if length > self.limits.max_message_bytes:
@@ -339,26 +326,8 @@ class _PeerSide(_Frames):
         if kind == COLLECT:
             self._collect(request_id, payload)
             return
-        if kind == ABANDON:
-            self._drop_ahead(request_id)
-            return
         reservation, self.reservation = self.reservation, None
-        if kind == AHEAD:
-            self._ahead(request_id, payload, reservation)
-            return
-        if kind == POST:
-            entry = self.ahead.pop(request_id, None)
-            if entry is None:
-                reservation.release()
-                why = RequestRefused(f"no step was sent ahead under id {request_id} on this connection, or it was dropped "
-                                     f"(at most {MAX_AHEAD} wait)")
-                self.transport.write(frame(REPLY, request_id, encode_message(error_to_wire(why))))
-                return
-            prepared, held = entry
-            step = self._posted(request_id, prepared, payload, (held, reservation))
-        else:
-            step = self._step(request_id, payload, reservation)
-        task = asyncio.get_running_loop().create_task(step)
+        task = asyncio.get_running_loop().create_task(self._step(request_id, payload, reservation))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -368,28 +337,6 @@ class _PeerSide(_Frames):
         finally:
             reservation.release()
         self.server.steps += 1
-        await self._reply(request_id, reply)
-
-    def _ahead(self, request_id: int, data: bytes, reservation) -> None:
-        """A pushed step sent ahead of its hidden state: decoded and checked now, while the sender computes."""
-        if len(self.ahead) >= MAX_AHEAD:
-            self._drop_ahead(next(iter(self.ahead)))  # the oldest: its POST is told it was dropped
-        self._drop_ahead(request_id)  # an id used twice: the newer request counts
-        self.ahead[request_id] = (self.server.service.backend.prepare_step(data, self.owner), reservation)
-
-    def _drop_ahead(self, request_id: int) -> None:
-        entry = self.ahead.pop(request_id, None)
-        if entry is not None:
-            entry[1].release()
-
-    async def _posted(self, request_id: int, prepared, hidden: bytes, reservations) -> None:
-        try:
-            reply = await self.server.service.admitted_posted(prepared, hidden, self.owner)
-        finally:
-            for reservation in reservations:
-                reservation.release()
-        self.server.steps += 1
-        self.server.posted += 1
         await self._reply(request_id, reply)
 
     def _collect(self, request_id: int, data: bytes) -> None:
@@ -434,8 +381,6 @@ class _PeerSide(_Frames):
         for waiting in self.collects.values():
             self.server.service.backend.cancel_collect(waiting)
         self.collects.clear()
-        for request_id in list(self.ahead):
-            self._drop_ahead(request_id)
 
 
 # ---- the caller's side ------------------------------------------------------------------------------
@@ -495,40 +440,17 @@ class _Connection(_Frames):
         self.pending.clear()
 
     async def call(self, data: bytes) -> bytes:
-        request_id, future = self._send(STEP, data)
-        try:
-            return await future
-        finally:
-            self.pending.pop(request_id, None)
-
-    def send_ahead(self, data: bytes) -> int:
-        """Send a pushed step's request ahead of its hidden state (an AHEAD frame); its id, to `post` or `abandon`."""
-        return self._send(AHEAD, data)[0]
-
-    async def post(self, request_id: int, hidden: bytes) -> bytes:
-        """The hidden state of the step sent ahead under `request_id` (`encode_message(tensor)` bytes); its reply."""
-        future = self.pending.get(request_id)
-        if future is None or self.closed:
-            raise self.error
-        try:
-            self.transport.write(frame(POST, request_id, hidden))
-            return await future
-        finally:
-            self.pending.pop(request_id, None)
-
-    def abandon(self, request_id: int) -> None:
-        """The step sent ahead under `request_id` will have no hidden state: the peer drops it."""
-        if self.pending.pop(request_id, None) is not None and not self.closed:
-            self.transport.write(frame(ABANDON, request_id))
-
-    def _send(self, kind: int, data: bytes) -> tuple[int, asyncio.Future]:
         if self.closed:
             raise self.error
         request_id = self.next_id
         self.next_id = (self.next_id % 0xFFFFFFFF) + 1
-        future = self.pending[request_id] = asyncio.get_running_loop().create_future()
-        self.transport.write(frame(kind, request_id, data))
-        return request_id, future
+        future = asyncio.get_running_loop().create_future()
+        self.pending[request_id] = future
+        try:
+            self.transport.write(frame(STEP, request_id, data))
+            return await future
+        finally:
+            self.pending.pop(request_id, None)
 
 
 async def fetch_offer(stub, peer_id: str, timeout: float) -> dict | None:
@@ -567,11 +489,6 @@ class DirectClient:
         self._conns: dict[str, _Connection] = {}
         self._no_path_until: dict[str, float] = {}  # peer id -> monotonic time
         self._opening: dict[str, asyncio.Lock] = {}
-
-    def open_connection(self, peer_id: str) -> _Connection | None:
-        """The open connection to `peer_id`, if there is one now (nothing is opened: callers that cannot wait)."""
-        conn = self._conns.get(peer_id)
-        return conn if conn is not None and not conn.closed and conn.welcome.done() else None
 
     async def step(self, stub, peer_id: str, request: bytes) -> bytes | None:
         if self.policy == "never":

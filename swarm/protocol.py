@@ -30,7 +30,7 @@ import torch
 
 from swarm.wire import CacheRef, RawTensor, WireError, encode_message
 
-PROTOCOL_VERSION = 4  # 4: pushed steps may go ahead of their hidden state (swarm.direct AHEAD / POST)
+PROTOCOL_VERSION = 3
 
 # Cache operations a client may forward, with the Python type of their single argument.
 CACHE_OPS: dict[str, type] = {

@@ -68,11 +68,6 @@ class Backend(Protocol):
 
     def cancel_collect(self, waiting: object) -> None: ...
 
-    # a pushed step sent ahead of its hidden state over a direct connection (swarm.direct's AHEAD and POST frames)
-    def prepare_step(self, data: bytes, owner: str) -> object: ...
-
-    async def step_posted(self, prepared: object, hidden: bytes, owner: str) -> bytes: ...
-
 
 _HEADER = struct.Struct(">Q")  # total message size, in front of the first chunk
 
@@ -274,14 +269,6 @@ class BlockService(ServicerBase):
         try:
             with self._admitted(client):
                 return await self.backend.step(data, client)
-        except RequestRefused as exc:
-            return encode_message(error_to_wire(exc))
-
-    async def admitted_posted(self, prepared: object, hidden: bytes, client: str) -> bytes:
-        """`admitted_step` for a step sent ahead (`backend.prepare_step`) whose hidden state came."""
-        try:
-            with self._admitted(client):
-                return await self.backend.step_posted(prepared, hidden, client)
         except RequestRefused as exc:
             return encode_message(error_to_wire(exc))
 

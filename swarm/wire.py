@@ -45,8 +45,6 @@ __all__ = [
     "WireError",
     "decode",
     "decode_message",
-    "decode_tensor_message",
-    "PENDING",
     "encode",
     "encode_message",
     "encode_tree",
@@ -718,11 +716,6 @@ class _Decoder:
         raise _PathError(WireError, f"unexpected msgpack value of type {tp.__name__}")
 
 
-# Stands for tensor 0 of a message decoded with `hold_first`: the one that arrives later, on its own (a prepared
-# step's hidden state, swarm.direct's PREPARE and POST frames). Empty, so nothing can compute with it by mistake.
-PENDING = torch.empty(0)
-
-
 def decode(
     tensors: Sequence[runtime_pb2.Tensor],
     metadata: bytes,
@@ -730,7 +723,6 @@ def decode(
     limits: Limits = DEFAULT_LIMITS,
     raw_tensors: bool = False,
     raw_keys: Collection[str] = (),
-    hold_first: bool = False,
 ) -> Any:
     """Rebuild the structure `encode` produced. Input is untrusted: anything wrong raises `WireError`.
 
@@ -740,8 +732,6 @@ def decode(
     to pass on (the structure is checked as ever). `raw_keys` does that only under those keys of a
     top-level map: a peer forwarding a pushed step builds what it runs and passes the later hops'
     part on as it came (a tensor referenced both there and elsewhere is built, and passed on raw).
-    With `hold_first`, tensor 0 is neither checked nor built, and every reference to it, raw or not, is
-    `PENDING`: the message was sent ahead of its hidden state, which the caller puts in place when it comes.
     """
     n = len(tensors)
     if n > limits.max_tensors:
@@ -771,17 +761,10 @@ def decode(
     if type(specs) is not list or len(specs) != n:
         _fail(f"metadata lists {_len(specs)} tensor specs for {n} tensors")
 
-    if hold_first and (raw_tensors or not n):
-        _fail("a message sent ahead of its tensor 0 must have one, and is decoded with its tensors")
     raw = [RawTensor(tensors[i], specs[i]) for i in range(n)] if raw_tensors or raw_keys else None
     if raw_tensors:
         return _walk(_Decoder(raw, limits.max_depth), tree)
-    lazy = _LazyTensors(tensors, specs, limits)
-    if hold_first:
-        lazy.built[0] = PENDING
-        if raw is not None:
-            raw[0] = PENDING
-    decoder = _Decoder(lazy, limits.max_depth)
+    decoder = _Decoder(_LazyTensors(tensors, specs, limits), limits.max_depth)
     if raw_keys and type(tree) is dict and any(key in tree for key in raw_keys):
         passed_on = _Decoder(raw, limits.max_depth)
         result = {}
@@ -843,8 +826,7 @@ def _len(value: Any) -> str:
 
 
 def decode_message(
-    data: bytes, *, limits: Limits = DEFAULT_LIMITS, raw_tensors: bool = False, raw_keys: Collection[str] = (),
-    hold_first: bool = False,
+    data: bytes, *, limits: Limits = DEFAULT_LIMITS, raw_tensors: bool = False, raw_keys: Collection[str] = ()
 ) -> Any:
     """`decode` of one serialized ``runtime_pb2.ExpertRequest`` (as `encode_message` makes)."""
     # protobuf framing adds a few bytes per tensor; the payload itself is bounded by the decoded limits
@@ -857,13 +839,4 @@ def decode_message(
         request = runtime_pb2.ExpertRequest.FromString(data)
     except Exception as exc:  # google.protobuf.message.DecodeError and friends
         raise WireError(f"message ({len(data)} bytes) is not a valid ExpertRequest protobuf: {exc}") from exc
-    return decode(request.tensors, request.metadata, limits=limits, raw_tensors=raw_tensors, raw_keys=raw_keys,
-                  hold_first=hold_first)
-
-
-def decode_tensor_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> tuple[torch.Tensor, RawTensor]:
-    """A message that is one tensor (`encode_message(tensor)`), checked and built, and as it came (to pass on)."""
-    raw = decode_message(data, limits=limits, raw_tensors=True)
-    if type(raw) is not RawTensor:
-        _fail(f"the message must be one tensor, got {type(raw).__name__}")
-    return _LazyTensors([raw.proto], [raw.spec], limits)[0], raw
+    return decode(request.tensors, request.metadata, limits=limits, raw_tensors=raw_tensors, raw_keys=raw_keys)

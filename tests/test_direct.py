@@ -31,8 +31,8 @@ from transformers import AutoModelForCausalLM
 from swarm.client import ClientConfig
 from swarm.aio import BackgroundLoop
 from swarm.direct import (
-    ABANDON, AHEAD, FRAME, HELLO, MAX_AHEAD, POST, REFUSED, REPLY, STEP, WELCOME, BlockingDirectClient, DirectClient,
-    DirectServer, allowed, frame, welcome_mac,
+    FRAME, HELLO, REFUSED, REPLY, STEP, WELCOME, BlockingDirectClient, DirectClient, DirectServer, allowed, frame,
+    welcome_mac,
 )
 from swarm.protocol import RequestRefused
 from swarm.rpc import BlockService, RpcLimits
@@ -50,16 +50,8 @@ class EchoBackend:
     async def step(self, data: bytes, owner: str) -> bytes:
         self.calls.append((data, owner))
         if data.startswith(b"sleep:"):
-            await asyncio.sleep(float(data.split(b":")[1].split(b"+")[0]))
+            await asyncio.sleep(float(data.split(b":")[1]))
         return owner.encode() + b"|" + data
-
-    def prepare_step(self, data: bytes, owner: str) -> tuple:  # a step sent ahead: what the peer keeps for its POST
-        self.calls.append((b"ahead:" + data, owner))
-        return ("prepared", data)
-
-    async def step_posted(self, prepared: tuple, hidden: bytes, owner: str) -> bytes:
-        assert prepared[0] == "prepared"
-        return await self.step(prepared[1] + b"+" + hidden, owner)
 
 
 class TicketStub:
@@ -217,81 +209,6 @@ def test_limits_apply_per_request_and_the_connection_stays_usable():
         assert await read_frame(reader) == (REPLY, 4, b"carol|again")
         assert server.service._inflight_bytes == 0 and server.service._inflight_steps == 0
         await server.close()
-
-    run(main())
-
-
-def test_a_step_sent_ahead_runs_when_its_hidden_state_comes_and_every_misuse_is_answered():
-    async def main():
-        server, backend = await start(limits=RpcLimits(max_inflight_bytes=10_000))
-        reader, writer, *_ = await hello(server, "erin")
-        writer.write(frame(AHEAD, 5, b"first"))
-        writer.write(frame(AHEAD, 6, b"sleep:0.2"))
-        await asyncio.sleep(0.1)
-        assert backend.calls == [(b"ahead:first", "erin"), (b"ahead:sleep:0.2", "erin")]  # prepared as they came
-        assert server.service._inflight_bytes == len(b"first") + len(b"sleep:0.2")  # held until the POST
-        writer.write(frame(POST, 6, b"h6"))  # posted out of order: each runs when its own hidden state comes
-        writer.write(frame(POST, 5, b"h5"))
-        answers = dict((rid, body) for _, rid, body in [await read_frame(reader) for _ in range(2)])
-        assert answers == {5: b"erin|first+h5", 6: b"erin|sleep:0.2+h6"} and server.posted == 2
-        # a POST with nothing sent ahead (or posted twice): an error reply, and the connection goes on
-        writer.write(frame(POST, 5, b"again"))
-        kind, rid, body = await read_frame(reader)
-        assert (kind, rid) == (REPLY, 5) and "no step was sent ahead under id 5" in str(decode_message(body))
-        # abandoned: dropped without an answer; more than MAX_AHEAD waiting: the oldest is dropped
-        writer.write(frame(AHEAD, 7, b"abandoned"))
-        writer.write(frame(ABANDON, 7))
-        for rid in range(10, 10 + MAX_AHEAD + 1):
-            writer.write(frame(AHEAD, rid, b"x"))
-        writer.write(frame(POST, 7, b"late"))
-        writer.write(frame(POST, 10, b"dropped"))
-        writer.write(frame(POST, 11, b"kept"))
-        answers = dict((rid, body) for _, rid, body in [await read_frame(reader) for _ in range(3)])
-        assert "no step was sent ahead" in str(decode_message(answers[7]))
-        assert "at most 8 wait" in str(decode_message(answers[10])) and answers[11] == b"erin|x+kept"
-        assert server.service._inflight_bytes == MAX_AHEAD - 1  # the steps still waiting for their POST
-        writer.write(frame(STEP, 30, b"plain"))
-        assert await read_frame(reader) == (REPLY, 30, b"erin|plain")
-        # the connection goes: what waited is dropped, its bytes given back
-        writer.close()
-        await wait_until_async(lambda: server.service._inflight_bytes == 0 and server.connections == 0)
-        # an abandon frame with a body breaks the framing contract: refused
-        reader, writer, *_ = await hello(server, "erin")
-        writer.write(frame(ABANDON, 1, b"body"))
-        kind, _, body = await read_frame(reader)
-        assert kind == REFUSED and b"an abandon frame carries nothing" in body
-        await server.close()
-
-    run(main())
-
-
-async def wait_until_async(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
-
-
-def test_the_caller_sends_ahead_posts_and_abandons_over_its_open_connection():
-    async def main():
-        server, backend = await start()
-        client = DirectClient()
-        stub = TicketStub(server, "fred")
-        assert client.open_connection("peer-a") is None  # nothing is opened for a step that cannot wait
-        assert await client.step(stub, "peer-a", b"opens") == b"fred|opens"
-        conn = client.open_connection("peer-a")
-        first, second = conn.send_ahead(b"one"), conn.send_ahead(b"two")
-        conn.abandon(second)
-        assert await conn.post(first, b"h") == b"fred|one+h"
-        with pytest.raises(ConnectionError):
-            await conn.post(second, b"h")  # abandoned: nothing to post to
-        await wait_until_async(lambda: server.service._inflight_bytes == 0)
-        waiting = conn.send_ahead(b"three")
-        await server.close()  # the peer goes away: the connection is gone, so is what was sent ahead
-        with pytest.raises(ConnectionError):
-            await conn.post(waiting, b"h")
-        assert client.open_connection("peer-a") is None
-        client.close()
 
     run(main())
 
