@@ -161,13 +161,14 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.generate import build, even_ranges
+    from benchmarks.generate import MODELS, build, even_ranges
     from swarm.fast_linear import speed_up_linears
     from swarm import AutoDistributedModelForCausalLM, ClientConfig
     from tests.processes import SwarmProcesses
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, default=2)
+    parser.add_argument("--model", choices=["small", "medium"], default="small", help="benchmarks/generate.py's models")
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--tail", action=argparse.BooleanOptionalAction, default=True,
                         help="tail delivery (ClientConfig.tail_delivery): the client collects the last peer's reply")
@@ -179,11 +180,11 @@ def main() -> None:
         site.mkdir()
         out.mkdir()
         (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-        path = build("small", Path(tmp))
+        path = build(args.model, Path(tmp))
         env = {"SWARM_HOP_TRACE": str(out), "PYTHONPATH": str(site)}
         with SwarmProcesses(env=env) as procs:
             dht = procs.start_dht()
-            peers = [procs.start_peer(path, dht, r, wait=False) for r in even_ranges(4, args.peers)]
+            peers = [procs.start_peer(path, dht, r, wait=False) for r in even_ranges(MODELS[args.model]["num_hidden_layers"], args.peers)]
             for proc in peers:
                 procs.wait_ready(proc)
             model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[dht], client_config=ClientConfig(tail_delivery=args.tail))
@@ -205,7 +206,7 @@ def main() -> None:
             model.swarm_connection.close()
         peer_events = [json.loads(Path(out, f"{pid}.json").read_text()) for pid in pids]
     gaps, kept, total = stages(EVENTS, peer_events, window)
-    print(f"small model, {args.peers} peers, push{' with tail delivery' * args.tail}: {wall * 1e3:.2f} ms per token (the same model locally, just before: "
+    print(f"{args.model} model, {args.peers} peers, push{' with tail delivery' * args.tail}: {wall * 1e3:.2f} ms per token (the same model locally, just before: "
           f"{local_wall * 1e3:.2f} ms); {kept} of {total} steps in the usual order")
     width = max(len(name) for name, _ in gaps)
     for name, us in gaps:
@@ -213,7 +214,7 @@ def main() -> None:
     hot, after = cold_factor(SENT[-1])
     print(f"decoding and checking the first hop's request ({len(SENT[-1])} bytes): {hot:.1f} us back to back, "
           f"{after:.1f} us after 3 ms of other work ({after / hot:.1f}x)")
-    print(json.dumps({"benchmark": "hop_trace", "peers": args.peers, "ms_per_token": round(wall * 1e3, 3),
+    print(json.dumps({"benchmark": "hop_trace", "model": args.model, "peers": args.peers, "ms_per_token": round(wall * 1e3, 3),
                       "local_ms_per_token": round(local_wall * 1e3, 3),
                       "stages_us": {name: round(us, 1) for name, us in gaps}, "decode_hot_us": round(hot, 1),
                       "decode_after_other_work_us": round(after, 1)}))
