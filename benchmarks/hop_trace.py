@@ -1,6 +1,7 @@
 """Where a pushed decode step's time goes, stage by stage, across the client and every peer.
 
-Starts a DHT and N real `swarm run-peer` processes on 127.0.0.1 (small Llama split evenly), with a
+Starts a DHT and N real `swarm run-peer` processes on 127.0.0.1 (one of benchmarks/generate.py's Llamas,
+`--model`, small by default, split evenly), with a
 tracer loaded into every process (a `sitecustomize` on PYTHONPATH, active only under
 SWARM_HOP_TRACE): it wraps a few functions of the step path and records `time.monotonic_ns()` (one
 clock for all processes) when each starts and ends. The client in this process generates greedily;
@@ -168,7 +169,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, default=2)
-    parser.add_argument("--model", choices=["small", "medium"], default="small", help="benchmarks/generate.py's models")
+    parser.add_argument("--model", choices=list(MODELS), default="small", help="benchmarks/generate.py's models")
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--tail", action=argparse.BooleanOptionalAction, default=True,
                         help="tail delivery (ClientConfig.tail_delivery): the client collects the last peer's reply")
