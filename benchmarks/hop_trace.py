@@ -9,6 +9,9 @@ each step's events are put in time order and the median gap between consecutive 
 e.g. ``peer0 decode start -> peer0 decode end``. Steps whose events do not follow the most common
 order (a garbage collection, a DHT announcement in between) are left out and counted.
 
+It also prints the client's own share of a token (from one step's reply to the next step's send) next to the
+same model run locally with its blocks taken out, back to back: the same work, run warm.
+
 Then it shows why the same code costs more inside the chain than in a loop: the first request the
 client sent is decoded back to back, and after 3 ms of other work (a loop reading the clock, as a
 waiting peer would not even do). On this machine the second takes several times longer
@@ -137,6 +140,35 @@ def stages(client: list, peers: list[list], window: tuple[int, int]) -> tuple[li
     return gaps, len(kept), len(steps)
 
 
+def client_between(client: list, window: tuple[int, int]) -> float:
+    """Median µs from the client having a step's reply to its sending the next one: its own share of a token (the
+    model's embedding, head and `generate` bookkeeping, the stubs, encoding the request, decoding the reply)."""
+    sends, replies = ("client round trip start", "client push start"), ("client round trip end", "client wait end")
+    marks = sorted((t, e) for e, t in client if window[0] <= t <= window[1] and e in sends + replies)
+    gaps = [(b - a) / 1e3 for (a, ea), (b, eb) in zip(marks, marks[1:]) if ea in replies and eb in sends]
+    return statistics.median(gaps)
+
+
+def without_blocks(model, prompt, gen: dict) -> float:
+    """Seconds per token of `model` generating with its blocks taken out (each returns its input): what a client
+    does besides the blocks, run back to back in one process."""
+    import torch
+
+    class Skip(torch.nn.Module):
+        def forward(self, hidden, *args, **kwargs):
+            return hidden
+
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList(Skip() for _ in layers)
+    try:
+        model.generate(prompt, **gen)
+        wall = time.perf_counter()
+        model.generate(prompt, **gen)
+        return (time.perf_counter() - wall) / gen["max_new_tokens"]
+    finally:
+        model.model.layers = layers
+
+
 def cold_factor(data: bytes, rounds: int = 300) -> tuple[float, float]:
     """Median µs to decode and check `data` back to back, and right after 3 ms of other work."""
     from swarm.chain import FORWARDED_KEYS
@@ -198,6 +230,7 @@ def main() -> None:
             local_wall = time.perf_counter()
             local.generate(prompt, **gen)
             local_wall = (time.perf_counter() - local_wall) / args.tokens
+            hollow_wall = without_blocks(local, prompt, gen)
             t0 = time.monotonic_ns()
             wall = time.perf_counter()
             model.generate(prompt, **gen)
@@ -212,12 +245,16 @@ def main() -> None:
     width = max(len(name) for name, _ in gaps)
     for name, us in gaps:
         print(f"  {name:<{width}}  {us:8.1f} us")
+    between = client_between(EVENTS, window)
+    print(f"client, from a reply to the next send: {between:.1f} us (the same model without its blocks, locally, back to "
+          f"back: {hollow_wall * 1e6:.1f} us per token)")
     hot, after = cold_factor(SENT[-1])
     print(f"decoding and checking the first hop's request ({len(SENT[-1])} bytes): {hot:.1f} us back to back, "
           f"{after:.1f} us after 3 ms of other work ({after / hot:.1f}x)")
     print(json.dumps({"benchmark": "hop_trace", "model": args.model, "peers": args.peers, "ms_per_token": round(wall * 1e3, 3),
                       "local_ms_per_token": round(local_wall * 1e3, 3),
-                      "stages_us": {name: round(us, 1) for name, us in gaps}, "decode_hot_us": round(hot, 1),
+                      "stages_us": {name: round(us, 1) for name, us in gaps}, "client_between_steps_us": round(between, 1),
+                      "local_without_blocks_us": round(hollow_wall * 1e6, 1), "decode_hot_us": round(hot, 1),
                       "decode_after_other_work_us": round(after, 1)}))
 
 

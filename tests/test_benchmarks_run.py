@@ -54,6 +54,7 @@ def test_hop_trace_still_finds_every_stage_of_a_pushed_step():
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     stages = summary["stages_us"]
+    assert 0 < summary["local_without_blocks_us"] and 0 < summary["client_between_steps_us"] < 1e3 * summary["ms_per_token"]
     for needle in ("client sends -> peer0 step start", "peer0 blocks start -> peer0 blocks end",
                    "peer0 next request built start -> peer0 next request built end", "peer1 decode start -> peer1 decode end",
                    "peer1 reply kept for the client start -> peer1 reply kept for the client end",  # tail delivery,
