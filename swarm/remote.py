@@ -129,13 +129,14 @@ def _close_quietly(router: Router, session: ClientSession) -> None:
         logger.debug("closing session %s failed: %s", session.session_id, exc)
 
 
-def advance_length_only(cache, layer_idx: int, hidden: torch.Tensor) -> None:
+def advance_length_only(cache, layer_idx: int, hidden: torch.Tensor, made: dict | None = None) -> None:
     """Grow the client's cache for one layer by the step's tokens, with meta tensors (zero bytes).
 
     The cache's own `update` keeps every layer type right (sliding windows crop, lengths accumulate).
     For the plain `DynamicLayer`, whose update is a concatenation, the result is written directly:
     concatenating meta tensors runs torch's Python reference implementation (~0.1 ms a call), which
-    on the per-token path costs more than a whole small block.
+    on the per-token path costs more than a whole small block. `made` (shape -> meta tensor) lets the
+    layers of one step share one such tensor: it holds no data, and each is one torch op fewer.
     """
     from transformers.cache_utils import DynamicLayer
 
@@ -143,8 +144,13 @@ def advance_length_only(cache, layer_idx: int, hidden: torch.Tensor) -> None:
     layers = getattr(cache, "layers", None)
     layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
     if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.device.type == "meta" and layer.keys.ndim == 4:
-        length = layer.keys.shape[-2] + seq
-        layer.keys = layer.values = torch.empty((batch, 1, length, 1), device="meta")
+        shape = (batch, 1, layer.keys.shape[-2] + seq, 1)
+        kv = made.get(shape) if made is not None else None
+        if kv is None:
+            kv = torch.empty(shape, device="meta")
+            if made is not None:
+                made[shape] = kv
+        layer.keys = layer.values = kv
         return
     kv = torch.empty((batch, 1, seq, 1), device="meta")
     cache.update(kv, kv, layer_idx)
@@ -215,8 +221,9 @@ class BlockCapture:
             raise SplitForwardError("blocks of one forward pass received different cache objects")
         session = next(iter(sessions.values()), None)
         out = self.router.run(session, state.hidden, state.calls, self.attn_implementation)
+        made: dict = {}
         for layer, cache in state.caches:
-            advance_length_only(cache, layer, state.hidden)
+            advance_length_only(cache, layer, state.hidden, made)
         return self._format(out.to(device=hidden.device, dtype=hidden.dtype))
 
     def _bind_caches(self, index: int, args: tuple, kwargs: dict, state: _Pass):

@@ -261,6 +261,19 @@ class _Step:
     ops: list[tuple[str, Any]]  # cache operations applied before the step, in order
     calls: _CallsSnapshot | None  # the layer arguments (None once the history is dropped)
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # block position -> hidden entering it
+    unkept: tuple[list, bool] | None = None  # (the caller's layer arguments, keep them?) until `keep` copies them
+
+    def keep(self) -> None:
+        """Copy what the caller passed (its block-0 input, and its layer arguments unless the history is dropped):
+        its objects may change once the step returns. The router does it once a pushed step is on its way, while
+        it waits for the reply (off the token's path), and at the latest when the step ends; nothing changes them
+        meanwhile, since the caller waits for the step."""
+        if self.unkept is not None:
+            layer_calls, history = self.unkept
+            self.unkept = None
+            self.inputs[0] = self.inputs[0].detach().clone()
+            if history:
+                self.calls = _CallsSnapshot.of(layer_calls)
 
     def nbytes(self) -> int:
         return (self.calls.nbytes if self.calls else 0) + sum(t.numel() * t.element_size() for t in self.inputs.values())
@@ -381,18 +394,17 @@ class SwarmRouter:
             with self._lock:
                 self._states[session.session_id] = state
         ops, session.pending_ops = session.pending_ops, []
-        step = _Step(ops=ops, calls=None)
-        step.inputs[0] = hidden.detach().clone()
+        step = _Step(ops=ops, calls=None, unkept=(layer_calls, not state.history_dropped))
+        step.inputs[0] = hidden  # copied by `step.keep()`
         state.steps.append(step)
         t = len(state.steps) - 1
-        if not state.history_dropped:
-            step.calls = _CallsSnapshot.of(layer_calls)
         session.hops = [h.hop for h in state.hops]
         try:
             out = self._run_session_step(session, state, t, layer_calls, attn_implementation, recovery)
         except BaseException:
             self._abandon_step(session, state, t)
             raise
+        step.keep()
         self._account(state, session)
         return out
 
@@ -549,6 +561,7 @@ class SwarmRouter:
             if tail:
                 pushed = self.transport.push(first.hop.peer_id, data, last.hop.peer_id,
                                              CollectRequest(last.session_id, t, timeout), timeout)
+                step.keep()  # the step is on its way: copy the caller's arguments while the peers run it
                 kind, raw = pushed.first(skip_chain=DELIVERED)
                 if kind == "tail":
                     outs = self._delivered(session, t, raw, len(hops), hidden)

@@ -27,7 +27,9 @@ bits; other float32/float64 tensors can be sent as 16-bit floats on request
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, NoReturn
@@ -81,6 +83,11 @@ _TENSOR_DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
     "uint8": torch.uint8,
     "bool": torch.bool,
+}
+# the same dtypes in numpy (native byte order, as torch's memory), where numpy has them (not bfloat16)
+_NUMPY_DTYPES: dict[torch.dtype, type] = {
+    torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
+    torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8,
 }
 _TENSOR_DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _TENSOR_DTYPES.items()}
 _ITEMSIZE: dict[str, int] = {
@@ -337,11 +344,13 @@ class _Encoder:
 
 def _serialize(tensor: torch.Tensor, name: str, compression: int | None) -> tuple[runtime_pb2.Tensor, list | None]:
     """One CPU tensor without grad -> (proto, bit-packing spec or None)."""
+    if tensor.is_neg():  # a lazily negated view (`torch._neg_view`): its memory holds the values before negation
+        tensor = tensor.resolve_neg()
     if tensor.dtype is torch.bool:
         return _packed_proto(tensor), [list(tensor.shape), "bool", _FILL_BOOL]
     mask_format = _MASK_FORMATS.get(tensor.dtype)
     if mask_format is not None and tensor.numel():
-        found = _find_mask_bits(tensor, mask_format)
+        found = _find_mask_bits(tensor, mask_format, _first_bits(tensor))
         if found is not None:
             bits, fill = found
             return _packed_proto(bits), [list(tensor.shape), name, fill]
@@ -353,15 +362,26 @@ def _serialize(tensor: torch.Tensor, name: str, compression: int | None) -> tupl
 
 
 def _raw_proto(tensor: torch.Tensor, name: str) -> runtime_pb2.Tensor:
-    """hivemind's CompressionType.NONE format, built directly.
+    """hivemind's CompressionType.NONE format, built directly (`tensor`: on the CPU, no grad, no negated view).
 
     Same bytes as ``serialize_torch_tensor(tensor)`` with ``USE_LEGACY_BFLOAT16=0`` (hivemind's
     ``deserialize_torch_tensor`` reads it), but bf16 keeps 2 bytes per element instead of the legacy
     default's float32 upcast, and it skips the per-call descriptor objects (~6 us per tensor).
-    ``.numpy().tobytes()`` copies once, in C order, so a non-contiguous tensor needs no ``.contiguous()``.
+    A contiguous tensor's bytes are copied straight from its memory, in one copy and without a torch op
+    (`.numpy()` runs four, and every op costs 10-30 us when the process has been waiting: the decode step's
+    path, docs/performance.md); ``.numpy().tobytes()`` copies any other in C order, without ``.contiguous()``.
     """
-    array = (tensor.view(torch.int16) if tensor.dtype is torch.bfloat16 else tensor).numpy()
-    return runtime_pb2.Tensor(compression=_NONE, buffer=array.tobytes(), size=tensor.shape, dtype=name)
+    if tensor.is_contiguous():
+        buffer = ctypes.string_at(tensor.data_ptr(), tensor.numel() * tensor.element_size()) if tensor.numel() else b""
+    else:
+        buffer = (tensor.view(torch.int16) if tensor.dtype is torch.bfloat16 else tensor).numpy().tobytes()
+    return runtime_pb2.Tensor(compression=_NONE, buffer=buffer, size=tensor.shape, dtype=name)
+
+
+def _first_bits(tensor: torch.Tensor) -> int:
+    """The bit pattern of element (0, ..., 0) of a non-empty CPU tensor as a signed int (its integer view's value),
+    read from memory without a torch op: `data_ptr` points at that element whatever the strides."""
+    return int.from_bytes(ctypes.string_at(tensor.data_ptr(), tensor.element_size()), sys.byteorder, signed=True)
 
 
 def _packed_proto(bits: torch.Tensor) -> runtime_pb2.Tensor:
@@ -370,17 +390,18 @@ def _packed_proto(bits: torch.Tensor) -> runtime_pb2.Tensor:
     return runtime_pb2.Tensor(compression=_NONE, buffer=packed.tobytes(), size=packed.shape, dtype="uint8")
 
 
-def _find_mask_bits(tensor: torch.Tensor, fmt: _MaskFormat) -> tuple[torch.Tensor, int] | None:
+def _find_mask_bits(tensor: torch.Tensor, fmt: _MaskFormat, first: int) -> tuple[torch.Tensor, int] | None:
     """If every element is +0 or one fill value, return (bits where fill, fill code); else None.
 
     Works on the integer view, so the rebuilt tensor is bitwise identical (-0.0 and NaN do not pass).
-    The first element rejects ordinary activations in O(1); a real mask then costs one compare pass
-    (whose result is the bits to pack) plus two counts.
+    The first element's bits (`first`, `_first_bits`) reject ordinary activations in O(1), without a torch
+    op; a real mask then costs one compare pass (whose result is the bits to pack) plus two counts.
     """
-    as_int = tensor.view(fmt.int_dtype)
-    first = as_int[(0,) * tensor.ndim].item()
     # additive masks built by transformers use finfo(dtype).min and are 4-D; anything else may use -inf
     candidates = (_FILL_FINFO_MIN, _FILL_NEG_INF) if tensor.ndim == 4 else (_FILL_NEG_INF,)
+    if not any(first == 0 or first == fmt.fills[fill] for fill in candidates):
+        return None
+    as_int = tensor.view(fmt.int_dtype)
     nonzero = None
     for fill in candidates:
         pattern = fmt.fills[fill]
@@ -641,6 +662,9 @@ def _build(i: int, plan: _Plan, proto: runtime_pb2.Tensor, buffer: bytes) -> tor
             return torch.frombuffer(bytearray(buffer), dtype=torch.uint8).view(shape) != 0
         if dtype is torch.bfloat16 and len(buffer) == 4 * plan.numel:  # hivemind's legacy bf16 (sent as fp32)
             return torch.frombuffer(bytearray(buffer), dtype=torch.float32).view(shape).to(torch.bfloat16)
+        np_dtype = _NUMPY_DTYPES.get(dtype)
+        if np_dtype is not None:  # shaped by numpy: no torch op (`.view` is one, 10-30 us in a waiting process)
+            return torch.from_numpy(np.frombuffer(bytearray(buffer), dtype=np_dtype).reshape(shape))
         return torch.frombuffer(bytearray(buffer), dtype=dtype).view(shape)
     try:
         tensor = deserialize_torch_tensor(proto)

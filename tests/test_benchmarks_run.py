@@ -67,3 +67,18 @@ def test_hop_trace_still_finds_every_stage_of_a_pushed_step():
     handed = order.index("peer1 reply handed to the client start")
     assert all(event.startswith(("peer1 ", "peer0 forward round trip end", "peer0 reply nested", "peer0 step end"))
                for event in order[handed:]), order[handed:]
+
+
+def test_ab_compares_two_checkouts_round_by_round():
+    """benchmarks/ab.py runs a function of its own inside each checkout's process: that it still starts both
+    swarms, alternates, and reports every process's CPU must show here."""
+    result = subprocess.run([sys.executable, "benchmarks/ab.py", "--a", ".", "--b", ".", "--peers", "1", "--rounds", "2",
+                             "--tokens", "4", "--b-peer-args=--inline-max-ms 0"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert sum(line.startswith("round ") for line in lines) == 2
+    summary = json.loads(lines[-1])
+    assert summary["benchmark"] == "ab" and summary["rounds"] == 2 and 0 < summary["ratio"] < 10
+    assert [len(summary["cpu_ms"][side]) for side in "AB"] == [2, 2]  # the client and its one peer, each side
+    assert all(c > 0 for side in "AB" for c in summary["cpu_ms"][side])

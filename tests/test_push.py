@@ -163,6 +163,48 @@ def test_a_pushed_step_is_one_client_call_and_gives_the_same_tokens(llama, push,
 
 
 @pytest.mark.parametrize("tail", [False, True], ids=["nested", "tail"])
+def test_a_step_copies_the_callers_arguments_while_the_peers_run_it(llama, tail):
+    """The replay history's copies of a step's input and arguments (`_Step.keep`) are made once the pushed step is
+    sent, before its reply is read (with tail delivery: off the token's path), and by the time the step returns
+    either way; the history never holds the caller's own objects."""
+    path, local = llama
+    split, peers, transport, _, router = make_split(path, [(0, 2), (2, 4), (4, 6)], tail=tail)
+    passed, kept_before_reply = [], []
+    run = router._run
+
+    def recording_run(session, hidden, layer_calls, attn):
+        passed.append((hidden, layer_calls[0][1]["position_embeddings"][0]))
+        return run(session, hidden, layer_calls, attn)
+
+    push = transport.push
+
+    def checking_push(*args):
+        pushed = push(*args)
+        first = pushed.first
+
+        def first_after_keep(*a, **k):  # the reply is read now: the copies must be made
+            (state,) = router._states.values()
+            kept_before_reply.append(state.steps[-1].unkept is None)
+            return first(*a, **k)
+
+        pushed.first = first_after_keep
+        return pushed
+
+    router._run, transport.push = recording_run, checking_push
+    with split.inference_session(max_length=64):
+        assert torch.equal(split.generate(ids(), **GREEDY), local.generate(ids(), **GREEDY))
+        (state,) = router._states.values()
+        assert len(state.steps) == len(passed) == GREEDY["max_new_tokens"]
+        for step, (hidden, cos) in zip(state.steps, passed):
+            assert step.unkept is None and step.calls is not None
+            assert step.inputs[0] is not hidden and torch.equal(step.inputs[0], hidden)
+            kept_cos = step.calls.expand()[0][1]["position_embeddings"][0] if step.calls.copied else None
+            if kept_cos is not None:  # decode steps' arguments are copied (a prefill's are encoded)
+                assert kept_cos is not cos and torch.equal(kept_cos, cos)
+    assert kept_before_reply == ([True] * len(passed) if tail else [])
+
+
+@pytest.mark.parametrize("tail", [False, True], ids=["nested", "tail"])
 @pytest.mark.parametrize("where", ["middle", "last"])
 def test_a_peer_dying_inside_the_chain_is_replaced_and_replayed_exactly(llama, where, tail):
     path, local = llama

@@ -202,6 +202,25 @@ def test_non_contiguous_grad_and_parameter_tensors_encode():
     out["transposed"].add_(1)  # decoded tensors own writable memory
 
 
+def test_views_are_read_from_their_own_first_element_and_negated_views_by_value():
+    """The encoder reads a tensor's bytes from memory (no torch op on the decode path's hot loop): a view's first
+    element sits at an offset into its storage, and a negated view's memory holds the values before negation."""
+    mask = causal_mask(1, 8, torch.float32)
+    views = {
+        "offset mask": mask[:, :, :, 1:],  # first element finfo.min, the storage's first 0
+        "offset activation": torch.cat([torch.zeros(1, 1, 1, 4), torch.randn(1, 1, 1, 4)], dim=-1)[..., 4:],
+        "negated activation": torch._neg_view(torch.randn(2, 3)),
+        "negated mask": torch._neg_view(torch.full((1, 1, 2, 2), torch.finfo(torch.float32).max)),  # all finfo.min
+        "negated zero": torch._neg_view(torch.zeros(4)),  # -0.0: not a mask, bits kept
+    }
+    for key, tensor in views.items():
+        tensors, metadata = encode(tensor)
+        out = decode(tensors, metadata)
+        assert_same(tensor.resolve_neg().contiguous(), out, key)
+        packed = len(tensors[0].buffer) < tensor.numel() * tensor.element_size()
+        assert packed == key.endswith(" mask"), key
+
+
 def test_activation_compression_applies_to_activations_only():
     hidden = torch.randn(2, 16, 64)
     obj = {
