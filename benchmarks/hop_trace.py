@@ -154,19 +154,22 @@ def without_blocks(model, prompt, gen: dict) -> float:
     does besides the blocks, run back to back in one process."""
     import torch
 
+    from swarm.splitting import find_block_layout, replace_blocks
+
     class Skip(torch.nn.Module):
         def forward(self, hidden, *args, **kwargs):
             return hidden
 
-    layers = model.model.layers
-    model.model.layers = torch.nn.ModuleList(Skip() for _ in layers)
+    layout = find_block_layout(model)
+    blocks: list = []
+    replace_blocks(model, layout, lambda i, block: blocks.append(block) or Skip())
     try:
         model.generate(prompt, **gen)
         wall = time.perf_counter()
         model.generate(prompt, **gen)
         return (time.perf_counter() - wall) / gen["max_new_tokens"]
     finally:
-        model.model.layers = layers
+        replace_blocks(model, layout, lambda i, _: blocks[i])
 
 
 def cold_factor(data: bytes, rounds: int = 300) -> tuple[float, float]:

@@ -129,14 +129,14 @@ def _close_quietly(router: Router, session: ClientSession) -> None:
         logger.debug("closing session %s failed: %s", session.session_id, exc)
 
 
-def advance_length_only(cache, layer_idx: int, hidden: torch.Tensor, made: dict | None = None) -> None:
+def advance_length_only(cache, layer_idx: int, hidden: torch.Tensor, made: dict) -> None:
     """Grow the client's cache for one layer by the step's tokens, with meta tensors (zero bytes).
 
     The cache's own `update` keeps every layer type right (sliding windows crop, lengths accumulate).
     For the plain `DynamicLayer`, whose update is a concatenation, the result is written directly:
     concatenating meta tensors runs torch's Python reference implementation (~0.1 ms a call), which
-    on the per-token path costs more than a whole small block. `made` (shape -> meta tensor) lets the
-    layers of one step share one such tensor: it holds no data, and each is one torch op fewer.
+    on the per-token path costs more than a whole small block. `made` (shape -> meta tensor, one dict per
+    step) lets the layers of one step share one such tensor: it holds no data, and each is one torch op fewer.
     """
     from transformers.cache_utils import DynamicLayer
 
@@ -145,11 +145,9 @@ def advance_length_only(cache, layer_idx: int, hidden: torch.Tensor, made: dict 
     layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
     if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.device.type == "meta" and layer.keys.ndim == 4:
         shape = (batch, 1, layer.keys.shape[-2] + seq, 1)
-        kv = made.get(shape) if made is not None else None
+        kv = made.get(shape)
         if kv is None:
-            kv = torch.empty(shape, device="meta")
-            if made is not None:
-                made[shape] = kv
+            kv = made[shape] = torch.empty(shape, device="meta")
         layer.keys = layer.values = kv
         return
     kv = torch.empty((batch, 1, seq, 1), device="meta")

@@ -261,19 +261,17 @@ class _Step:
     ops: list[tuple[str, Any]]  # cache operations applied before the step, in order
     calls: _CallsSnapshot | None  # the layer arguments (None once the history is dropped)
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # block position -> hidden entering it
-    unkept: tuple[list, bool] | None = None  # (the caller's layer arguments, keep them?) until `keep` copies them
+    unkept: list | None = None  # the caller's layer arguments, until `keep` copies them (None: nothing to copy)
 
     def keep(self) -> None:
-        """Copy what the caller passed (its block-0 input, and its layer arguments unless the history is dropped):
-        its objects may change once the step returns. The router does it once a pushed step is on its way, while
-        it waits for the reply (off the token's path), and at the latest when the step ends; nothing changes them
-        meanwhile, since the caller waits for the step."""
+        """Copy what the caller passed, its block-0 input and its layer arguments: its objects may change once the
+        step returns. The router does it once a pushed step is on its way, while it waits for the reply (off the
+        token's path), and at the latest when the step ends; nothing changes them meanwhile, since the caller
+        waits for the step. A session whose history is dropped keeps nothing (`unkept` stays None)."""
         if self.unkept is not None:
-            layer_calls, history = self.unkept
-            self.unkept = None
+            layer_calls, self.unkept = self.unkept, None
             self.inputs[0] = self.inputs[0].detach().clone()
-            if history:
-                self.calls = _CallsSnapshot.of(layer_calls)
+            self.calls = _CallsSnapshot.of(layer_calls)
 
     def nbytes(self) -> int:
         return (self.calls.nbytes if self.calls else 0) + sum(t.numel() * t.element_size() for t in self.inputs.values())
@@ -394,7 +392,7 @@ class SwarmRouter:
             with self._lock:
                 self._states[session.session_id] = state
         ops, session.pending_ops = session.pending_ops, []
-        step = _Step(ops=ops, calls=None, unkept=(layer_calls, not state.history_dropped))
+        step = _Step(ops=ops, calls=None, unkept=None if state.history_dropped else layer_calls)
         step.inputs[0] = hidden  # copied by `step.keep()`
         state.steps.append(step)
         t = len(state.steps) - 1

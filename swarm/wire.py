@@ -399,15 +399,13 @@ def _find_mask_bits(tensor: torch.Tensor, fmt: _MaskFormat, first: int) -> tuple
     """
     # additive masks built by transformers use finfo(dtype).min and are 4-D; anything else may use -inf
     candidates = (_FILL_FINFO_MIN, _FILL_NEG_INF) if tensor.ndim == 4 else (_FILL_NEG_INF,)
-    if not any(first == 0 or first == fmt.fills[fill] for fill in candidates):
-        return None
-    as_int = tensor.view(fmt.int_dtype)
-    nonzero = None
+    as_int = nonzero = None
     for fill in candidates:
         pattern = fmt.fills[fill]
         if first != 0 and first != pattern:
             continue
-        if nonzero is None:
+        if as_int is None:  # a candidate: only now any torch op
+            as_int = tensor.view(fmt.int_dtype)
             nonzero = int(torch.count_nonzero(as_int))
         bits = as_int == pattern
         # fill elements are nonzero, so equal counts mean every nonzero element is the fill
