@@ -82,3 +82,14 @@ def test_ab_compares_two_checkouts_round_by_round():
     assert summary["benchmark"] == "ab" and summary["rounds"] == 2 and 0 < summary["ratio"] < 10
     assert [len(summary["cpu_ms"][side]) for side in "AB"] == [2, 2]  # the client and its one peer, each side
     assert all(c > 0 for side in "AB" for c in summary["cpu_ms"][side])
+
+
+def test_hop_floor_runs_its_relays_and_checks_their_tokens():
+    """benchmarks/hop_floor.py's bare relays must still produce the local model's greedy tokens (it exits with an
+    error otherwise) and print the floor of an extra hop."""
+    result = subprocess.run([sys.executable, "benchmarks/hop_floor.py", "--peers", "1", "2", "--rounds", "2",
+                             "--tokens", "6"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["benchmark"] == "hop_floor" and set(summary["tpot_ms"]) == {"local", "1", "2"}
+    assert all(ms > 0 for ms in summary["tpot_ms"].values())
