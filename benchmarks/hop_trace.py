@@ -49,7 +49,7 @@ WRAPPED = [
     ("swarm.direct", "PushedStep", "first", "client wait"),  # ...and waits for the last peer's reply
     ("swarm.direct", "_Connection", "call", "forward round trip"),
     ("swarm.rpc", "BlockService", "admitted_step", "step"),
-    ("peer.handler", None, "decode_message", "decode"),
+    ("peer.steady", "SteadySteps", "decode", "decode"),  # refilled from the session's last request, or decoded in full
     ("swarm.protocol", "StepRequest", "from_wire", "request checks"),
     ("peer.runner", "BlockRunner", "_begin", "session and cache checks"),
     ("peer.runner", "BlockRunner", "_compute", "blocks"),
@@ -172,16 +172,27 @@ def without_blocks(model, prompt, gen: dict) -> float:
         replace_blocks(model, layout, lambda i, _: blocks[i])
 
 
-def cold_factor(data: bytes, rounds: int = 300) -> tuple[float, float]:
-    """Median µs to decode and check `data` back to back, and right after 3 ms of other work."""
+def cold_factor(data: bytes, before: bytes | None = None, rounds: int = 300) -> tuple[float, float]:
+    """Median µs to decode and check `data` back to back, and right after 3 ms of other work: in full, or (with
+    `before`, the same session's previous request) refilled from that one (`peer.steady`)."""
+    from peer.steady import SteadySteps
     from swarm.chain import FORWARDED_KEYS
     from swarm.protocol import StepRequest
     from swarm.wire import decode_message
 
     def once() -> float:
+        if before is None:
+            t0 = time.perf_counter()
+            StepRequest.from_wire(decode_message(data, raw_keys=FORWARDED_KEYS))
+            return time.perf_counter() - t0
+        steady = SteadySteps()
+        steady.settle(steady.decode(before, "client"))
         t0 = time.perf_counter()
-        StepRequest.from_wire(decode_message(data, raw_keys=FORWARDED_KEYS))
-        return time.perf_counter() - t0
+        steady.decode(data, "client")
+        took = time.perf_counter() - t0
+        if not steady.hits:
+            raise RuntimeError("the last two requests sent are not one session's consecutive steps")
+        return took
 
     hot = statistics.median(once() for _ in range(rounds))
     after = []
@@ -254,10 +265,13 @@ def main() -> None:
     hot, after = cold_factor(SENT[-1])
     print(f"decoding and checking the first hop's request ({len(SENT[-1])} bytes): {hot:.1f} us back to back, "
           f"{after:.1f} us after 3 ms of other work ({after / hot:.1f}x)")
+    steady_hot, steady_after = cold_factor(SENT[-1], SENT[-2])
+    print(f"the same, refilled from the step before (peer.steady): {steady_hot:.1f} us back to back, "
+          f"{steady_after:.1f} us after 3 ms of other work")
     print(json.dumps({"benchmark": "hop_trace", "model": args.model, "peers": args.peers, "ms_per_token": round(wall * 1e3, 3),
                       "local_ms_per_token": round(local_wall * 1e3, 3),
                       "stages_us": {name: round(us, 1) for name, us in gaps}, "client_between_steps_us": round(between, 1),
-                      "local_without_blocks_us": round(hollow_wall * 1e6, 1), "decode_hot_us": round(hot, 1),
+                      "local_without_blocks_us": round(hollow_wall * 1e6, 1), "decode_hot_us": round(hot, 1), "steady_hot_us": round(steady_hot, 1), "steady_after_other_work_us": round(steady_after, 1),
                       "decode_after_other_work_us": round(after, 1)}))
 
 

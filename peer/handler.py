@@ -16,9 +16,10 @@ import logging
 from typing import Callable
 
 from peer.runner import BlockRunner
-from swarm.chain import FORWARDED_KEYS, PUSH_MAX_BYTES, Delivery, Forward, deliver, plan_forward
+from peer.steady import SteadySteps
+from swarm.chain import PUSH_MAX_BYTES, Delivery, Forward, deliver, plan_forward
 from swarm.protocol import ProtocolError, StepRequest, error_to_wire
-from swarm.wire import WireError, decode_message, encode_message
+from swarm.wire import WireError, encode_message
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class StepHandler:
 
     def __init__(self, runner: BlockRunner):
         self.runner = runner
+        self.steady = SteadySteps()  # a session's next decode step refilled from its last one (peer.steady)
 
     def step(self, data: bytes, owner: str = "local") -> Reply:
         return self.step_many([(data, owner)])[0]
@@ -57,7 +59,7 @@ class StepHandler:
         for k, (data, owner) in enumerate(items):
             try:
                 # the later hops' part of a pushed step stays undecoded: it is passed on as it came
-                request = StepRequest.from_wire(decode_message(data, raw_keys=FORWARDED_KEYS))
+                request = self.steady.decode(data, owner)
                 decoded.append((k, request, owner, bool(request.next) and len(data) <= PUSH_MAX_BYTES))
             except BaseException as exc:  # noqa: BLE001 - answered to its sender alone
                 put(k, _error_reply(exc))
@@ -82,7 +84,11 @@ class StepHandler:
             put(k, reply)
 
         if decoded:
-            self.runner.step_many([(req, owner) for _, req, owner, _ in decoded], done=finished)
+            try:
+                self.runner.step_many([(req, owner) for _, req, owner, _ in decoded], done=finished)
+            finally:
+                for _, request, _, _ in decoded:
+                    self.steady.settle(request)
         return replies  # type: ignore[return-value]
 
     def close_session(self, session_id: str, owner: str = "local") -> bool:

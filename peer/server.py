@@ -180,6 +180,9 @@ class PeerServer:
             "merged_max_rows": runner.merged_max_rows if runner else 0,
             "merged_in_place": runner.merged_in_place if runner else 0,  # of those, without copying the caches together
             "inline_steps": self._compute.inline,  # steps run on the event loop, not handed to the compute thread
+            # steps decoded by refilling the session's last request (peer.steady), and templates dropped as held
+            "steady_steps": self.handler.steady.hits if self.handler else 0,
+            "steady_dropped": self.handler.steady.dropped if self.handler else 0,
             "forwarded": self.forwarder.forwarded if self.forwarder else 0,
             "forward_failures": self.forwarder.failed if self.forwarder else 0,
             "tails_delivered": self.tails.delivered,  # last hops' replies kept for their clients (tail delivery)

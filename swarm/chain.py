@@ -5,7 +5,9 @@ as the client packed it (`link_hops`), which names the hop after it in turn. The
 without building its tensors (`FORWARDED_KEYS`, `wire.decode_message(raw_keys=...)`); once it has run its
 own part, `plan_forward` says what to send on: the packed request, unpacked and packed again by msgpack
 alone with the client it runs for as its `owner`, around this peer's output and the tensors it refers to
-(protocol 2: the later hops are never decoded into Python objects on the way). It runs on the
+(protocol 2: the later hops are never decoded into Python objects on the way), with this step's number as the
+next hop's `step` (protocol 4: the packed requests carry none, so they are the same bytes at every step of a
+session). It runs on the
 compute thread right after the blocks, so the next request is on its way before this peer's own reply
 is even encoded. `Forward.reply` then nests what came back (`then`: the next peer's reply bytes,
 untouched) or why nothing did (`then_error`) into this peer's reply. No tensor is decoded or
@@ -92,6 +94,8 @@ def plan_forward(request: StepRequest, hidden: torch.Tensor, caller: str) -> For
         if trail is not None:  # tail delivery: the outputs so far, then this peer's (the next hop's tensor 0)
             after = 1 + len(link.tensors)
             tree["trail"] = tensor_list([*range(after, after + len(trail)), 0])
+        if request.step is not None:  # every hop of a pushed step runs the same step (protocol 4); written last
+            tree["step"] = request.step
         data_next = _link_message(link, tree, out, trail or ())
     except (TypeError, ValueError) as exc:
         return Forward(link.peer, out, None, ProtocolError(f"next.request cannot be forwarded: {exc}"), timeout)
@@ -135,11 +139,14 @@ def link_hops(hops: list[tuple[str, dict]]) -> ChainLink | None:
     Packed from the last hop back: each hop's tree numbers its hidden state 0 and the rest of its tensors
     (its own, and those the hops after it need) from 1, and holds the next hop's link. Tensors the hops
     share are one object here, so they travel once, in the first request (`encode` deduplicates them).
+    A hop's `step` is left out: the peer before it writes in its own (`plan_forward`), so the packed
+    requests of a session's steps are the same bytes and the next peer's `peer.steady` recognises them.
     """
     link = None
     for k in range(len(hops) - 1, -1, -1):
         peer, msg = hops[k]
-        tree = {**msg, "hidden": _HIDDEN}
+        tree = {key: value for key, value in msg.items() if key != "step"}
+        tree["hidden"] = _HIDDEN
         if link is not None:
             tree["next"] = link.to_wire()
         packed, tensors = encode_tree(tree, [_HIDDEN])
@@ -150,9 +157,12 @@ def link_hops(hops: list[tuple[str, dict]]) -> ChainLink | None:
 def unlinked(request: StepRequest) -> list[tuple[str, StepRequest]]:
     """The later hops a pushed request names, decoded, each with an empty hidden state (what a peer would
     put there is its own output): for tests and tools that check what a client sent."""
-    hops, link = [], request.next
+    hops, link, step = [], request.next, request.step
     while link is not None:
-        data = _link_message(link, unpack_tree(link.request), raw_tensor(torch.zeros_like(request.hidden)))
+        tree = unpack_tree(link.request)
+        if step is not None:
+            tree["step"] = step  # as `plan_forward` writes it in
+        data = _link_message(link, tree, raw_tensor(torch.zeros_like(request.hidden)))
         nested = StepRequest.from_wire(decode_message(data))
         hops.append((link.peer, nested))
         link = nested.next

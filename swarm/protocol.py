@@ -12,7 +12,10 @@ A step may be *pushed* along the route (docs/wire.md, "Pushed steps"): its reque
 it (`next`), the peer forwards its output to the next one itself, and the replies come back nested
 (`StepResponse.then`), so the client sends once and receives once per step. With tail delivery
 (protocol 3) the last peer keeps its reply, with every hop's output (`trail`), for the client to
-collect directly (`CollectRequest`), and the chain answers back only `DELIVERED`.
+collect directly (`CollectRequest`), and the chain answers back only `DELIVERED`. From protocol 4 the later
+hops' packed requests carry no `step`: every hop of a pushed step runs the same one, and each forwarding peer
+writes its own into the request it sends on, so a session's packed requests are the same bytes at every step
+(a peer reuses what it decoded for the last one, `peer.steady`).
 
 Everything is validated on decode with named errors, never asserts: the peer reads these from
 untrusted clients.
@@ -30,7 +33,7 @@ import torch
 
 from swarm.wire import CacheRef, RawTensor, WireError, encode_message
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 # Cache operations a client may forward, with the Python type of their single argument.
 CACHE_OPS: dict[str, type] = {
@@ -130,7 +133,6 @@ class StepRequest:
             "cache_ops": [[name, arg] for name, arg in self.cache_ops],
             "attn_implementation": self.attn_implementation,
             "max_length": self.max_length,
-            "step": self.step,
             # the push fields travel only when set: a decode step stays as small as before
             **({"next": self.next.to_wire()} if self.next is not None else {}),
             **({"owner": self.owner} if self.owner is not None else {}),
@@ -138,6 +140,7 @@ class StepRequest:
             **({"hop_timeout": self.hop_timeout} if self.hop_timeout is not None else {}),
             **({"trail": self.trail} if self.trail is not None else {}),
             **({"tail": True} if self.tail else {}),
+            "step": self.step,  # last: a session's steps differ only in their last bytes (peer.steady)
         }
 
     @classmethod

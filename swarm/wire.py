@@ -51,6 +51,7 @@ __all__ = [
     "encode_message",
     "encode_tree",
     "message_from_tree",
+    "parse_message",
     "unpack_tree",
     "raw_tensor",
     "tensor_list",
@@ -745,6 +746,7 @@ def decode(
     limits: Limits = DEFAULT_LIMITS,
     raw_tensors: bool = False,
     raw_keys: Collection[str] = (),
+    built: dict[int, torch.Tensor] | None = None,
 ) -> Any:
     """Rebuild the structure `encode` produced. Input is untrusted: anything wrong raises `WireError`.
 
@@ -754,6 +756,7 @@ def decode(
     to pass on (the structure is checked as ever). `raw_keys` does that only under those keys of a
     top-level map: a peer forwarding a pushed step builds what it runs and passes the later hops'
     part on as it came (a tensor referenced both there and elsewhere is built, and passed on raw).
+    `built`, when given, receives the tensors built, by their index in the message (`peer.steady` refills them).
     """
     n = len(tensors)
     if n > limits.max_tensors:
@@ -804,6 +807,8 @@ def decode(
         used = decoder.used
     if n and not all(used):
         _fail(f"tensor {list(used).index(0)} is never referenced in the metadata")
+    if built is not None:
+        built.update(decoder.tensors.built)
     return result
 
 
@@ -848,9 +853,17 @@ def _len(value: Any) -> str:
 
 
 def decode_message(
-    data: bytes, *, limits: Limits = DEFAULT_LIMITS, raw_tensors: bool = False, raw_keys: Collection[str] = ()
+    data: bytes, *, limits: Limits = DEFAULT_LIMITS, raw_tensors: bool = False, raw_keys: Collection[str] = (),
+    built: dict[int, torch.Tensor] | None = None,
 ) -> Any:
     """`decode` of one serialized ``runtime_pb2.ExpertRequest`` (as `encode_message` makes)."""
+    request = parse_message(data, limits=limits)
+    return decode(request.tensors, request.metadata, limits=limits, raw_tensors=raw_tensors, raw_keys=raw_keys,
+                  built=built)
+
+
+def parse_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> runtime_pb2.ExpertRequest:
+    """The protobuf of a message, its tensors and metadata not yet looked at (`decode` checks them)."""
     # protobuf framing adds a few bytes per tensor; the payload itself is bounded by the decoded limits
     max_size = limits.max_total_bytes + limits.max_metadata_bytes + 64 * (limits.max_tensors + 1)
     if len(data) > max_size:
@@ -858,7 +871,6 @@ def decode_message(
             f"message is {len(data)} bytes, limit is {max_size} (Limits.max_total_bytes + max_metadata_bytes + framing)"
         )
     try:
-        request = runtime_pb2.ExpertRequest.FromString(data)
+        return runtime_pb2.ExpertRequest.FromString(data)
     except Exception as exc:  # google.protobuf.message.DecodeError and friends
         raise WireError(f"message ({len(data)} bytes) is not a valid ExpertRequest protobuf: {exc}") from exc
-    return decode(request.tensors, request.metadata, limits=limits, raw_tensors=raw_tensors, raw_keys=raw_keys)

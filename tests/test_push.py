@@ -154,6 +154,8 @@ def test_a_pushed_step_is_one_client_call_and_gives_the_same_tokens(llama, push,
     assert len(transport.client_calls) == (steps if push else 3 * steps)
     assert len(transport.forwards) == (2 * steps if push else 0)
     assert transport.collected == (steps if tail else 0)  # every step's outputs came from the last peer
+    # the prefill opens the sessions, the first decode step is decoded in full; every later one is refilled
+    assert [p.handler.steady.hits for p in peers] == [steps - 2] * 3
     beams = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)  # reorders ride along, pushed
     assert torch.equal(split.generate(ids(), **beams), local.generate(ids(), **beams))
     import gc
