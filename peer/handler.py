@@ -71,13 +71,20 @@ class StepHandler:
                 if request.tail:
                     reply = deliver(request, reply, owner)
             elif request.tail:
-                try:
-                    reply = deliver(request, result.hidden, owner)
+                try:  # a refilled step's reply is put together from what the first one's taught (peer.steady)
+                    reply = self.steady.deliver(request, result.hidden, owner)
+                    if reply is None:
+                        reply = deliver(request, result.hidden, owner)
+                        self.steady.learn(request, reply.data)
                 except Exception as exc:  # noqa: BLE001
                     reply = deliver(request, _error_reply(exc), owner)
             else:
                 try:
-                    forward = plan_forward(request, result.hidden, owner) if pushed else None
+                    forward = self.steady.forward(request, result.hidden) if pushed else None
+                    if forward is None and pushed:
+                        forward = plan_forward(request, result.hidden, owner)
+                        if forward is not None and forward.request is not None:
+                            self.steady.learn(request, forward.request)
                     reply = forward if forward is not None else encode_message(result.to_wire())
                 except Exception as exc:  # noqa: BLE001
                     reply = _error_reply(exc)

@@ -4,24 +4,31 @@ At decode time a session sends a peer the same message step after step but for i
 values of its tensors (the hidden state, rotary cos/sin, position ids): the same tree, the same tensor
 shapes. Decoding it in full walks the tree, checks every node and field, and builds every tensor anew:
 ~50 µs back to back, ~200 µs in a peer that waited for its turn (docs/performance.md), on every hop of
-every token. Here a peer remembers, per caller and session, the last request it decoded in full, and
-decodes the next one by comparing bytes: when the metadata is the remembered one's byte for byte, but for
-a `step` one higher, and every tensor proto declares the same dtype, shape and byte count, the remembered
-request is the decoded one; its tensors get the new bytes copied in and its `step` (and, for a pushed step,
-the tensors passed on) are set. Nothing that was not checked in full before is ever run: the bytes are the
-same, and a difference of any kind is a miss, decoded in full as before (which reports what is wrong).
+every token, and so does building the next hop's request and the last hop's reply. Here a peer remembers,
+per caller and session, the last request it decoded in full, and recognises the next one by its bytes: the
+same protobuf framing, every tensor with the same fields but for its buffer's content, and the metadata the
+remembered one's byte for byte but for a `step` one higher. Then the remembered request is the decoded one:
+its tensors get the new bytes copied in and its `step` (and, for a pushed step, the tensors passed on) are
+set. Nothing is run that was not checked in full before: the bytes that differ are tensor contents and the
+step, and a difference of any other kind is a miss, decoded in full as before (which reports what is wrong).
+
+The same holds for what the step sends on. A pushed step's next request, and a last hop's reply kept for the
+client (tail delivery), are the same bytes at every step but for the tensors and the step: the first time they
+are built as ever (`swarm.chain`), and their framing is learnt from those bytes; after that they are put
+together from the output's bytes, the tensors passed on (cut out of the request as they came) and that framing.
+The result is byte for byte what `swarm.chain` would build (the tests compare them).
 
 Protocol 4 makes the steps of a session the same bytes: the client writes `step` as its request's last key
-(`StepRequest.to_wire`), and the later hops' packed requests carry none (the peer before writes it in,
-last: `swarm.chain.plan_forward`). A message whose `step` is not its last key is decoded in full every time.
+(`StepRequest.to_wire`), and the later hops' packed requests carry none (the peer before writes it in, last:
+`swarm.chain.plan_forward`). A message whose `step` is not its last key is decoded in full every time.
 
 Only what can be refilled in place is remembered: uncompressed tensors that are not bit-packed and not bool
-(those are rebuilt, not copied), of requests of at most `max_request_bytes`, in a session, not opening it.
-The remembered tensors are this peer's own; if anything kept one after a step (a cache holding an argument,
-a block returning its input), refilling it would change what was kept, so after every step the tensors'
-reference counts are compared with those right after their decode, and a template whose tensors are held
-elsewhere is dropped instead. Templates are few and small: at most `max_entries`, the least recently used
-dropped first.
+(those are rebuilt, not copied), of requests of at most `max_request_bytes`, in a session, not opening it,
+in protobuf's canonical form. The remembered tensors are this peer's own; if anything kept one after a step
+(a cache holding an argument, a block returning its input), refilling it would change what was kept, so after
+every step the tensors' reference counts are compared with those right after their decode, and a template
+whose tensors are held elsewhere is dropped instead. Templates are few and small: at most `max_entries`, the
+least recently used dropped first.
 """
 
 from __future__ import annotations
@@ -35,18 +42,55 @@ from dataclasses import dataclass, field
 import msgpack
 import torch
 
-from swarm.chain import FORWARDED_KEYS
+from swarm.chain import FORWARDED_KEYS, Delivery, Forward, forward_timeout
 from swarm.protocol import ChainLink, StepRequest
 from swarm.wire import DEFAULT_LIMITS, Limits, RawTensor, decode, parse_message
 
 _STEP_KEY = msgpack.packb("step")  # b"\xa4step": the key `step` is written last, its int right after it
-# msgpack's shortest encodings of a non-negative int, by their first byte: (bytes after the key, payload bytes)
+# msgpack's encodings of a non-negative int: (bytes after the key, payload bytes); the first byte tells which
 _INT_TAILS = ((1, 0), (2, 1), (3, 2), (5, 4))
 _INT_MARKERS = {1: 0xCC, 2: 0xCD, 4: 0xCE}
+_TENSORS, _METADATA = 0x12, 0x1A  # ExpertRequest fields 2 (repeated Tensor) and 3 (bytes), length-delimited
+_BUFFER = 0x0A  # Tensor field 1 (bytes): written first in protobuf's canonical form
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _fields(data: bytes) -> list[tuple[int, int, int, int]] | None:
+    """The top-level fields of a message, each (tag, where its tag starts, where its value starts, its end), when all
+    are length-delimited and well framed; else None."""
+    out, pos, end = [], 0, len(data)
+    while pos < end:
+        tag, start, size, shift = data[pos], pos, 0, 0
+        if tag & 7 != 2:
+            return None
+        pos += 1
+        while True:
+            if pos >= end or shift > 28:
+                return None
+            byte = data[pos]
+            pos += 1
+            size |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        if pos + size > end:
+            return None
+        out.append((tag, start, pos, pos + size))
+        pos += size
+    return out
 
 
 def _tail_step(metadata: bytes) -> tuple[bytes, int] | None:
-    """(the metadata up to and including the last key `step`, the step) when `step` is written last."""
+    """(the metadata up to and including its last key `step`, the step) when `step` is written last."""
     for size, payload in _INT_TAILS:
         head = len(metadata) - size
         if head < len(_STEP_KEY) or metadata[head - len(_STEP_KEY):head] != _STEP_KEY:
@@ -63,13 +107,18 @@ def _tail_step(metadata: bytes) -> tuple[bytes, int] | None:
 @dataclass(eq=False)
 class _Template:
     request: StepRequest  # the request as decoded in full, refilled in place at each hit
-    signature: list[tuple]  # per tensor proto: (dtype name, shape, compression, requires_grad, bytes)
+    tensors: list[tuple[bytes, int, bytes]]  # per tensor proto: (its buffer field's tag and length, length, the rest)
     built: list[tuple[int, torch.Tensor]]  # the request's own tensors, by their index in the message
-    specs: list  # the message's tensor specs (all None: no bit-packed tensor)
     link_tensors: list[int] | None  # indices of `next.tensors`, passed on as they come
     trail: list[int] | None  # indices of `trail`
     refs: list[int] = field(default_factory=list)  # the built tensors' reference counts right after decode
     busy: bool = False  # a step of it is being run (set by a hit, cleared by `settle`)
+    hit: bool = False  # the step now running was refilled (its `fields` are this step's)
+    fields: list = field(default_factory=list)  # this step's request: its tensors' fields (tag start, end)
+    data: bytes = b""  # ... in these bytes
+    sends: tuple[bytes, int] | None = None  # what it sends on, learnt: (the metadata before its step, tensor count)
+    sends_tried: bool = False  # learning was tried (once: a request that cannot be learnt is built by swarm.chain)
+    out_rest: dict = field(default_factory=dict)  # (dtype, shape) -> the output proto's fields after its buffer
 
     def counts(self) -> list[int]:
         return [sys.getrefcount(tensor) for _, tensor in self.built]
@@ -77,7 +126,8 @@ class _Template:
 
 class SteadySteps:
     """`decode(data, owner)`: a step request, refilled from the caller's last one of the session when the bytes
-    allow it, else decoded in full (and remembered); `settle(request)` once it has run."""
+    allow it, else decoded in full (and remembered); `forward`/`deliver` what a refilled step sends on;
+    `settle(request)` once it has run."""
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, max_entries: int = 64, max_request_bytes: int = 64 * 1024):
         self.limits = limits
@@ -88,20 +138,26 @@ class SteadySteps:
         self._lock = threading.Lock()
         self.hits = 0  # requests refilled from a template (rpc_info: "steady_steps")
         self.dropped = 0  # templates dropped because something kept one of their tensors
+        self.assembled = 0  # next requests and kept replies put together from learnt framing
+
+    # ---- decode ---------------------------------------------------------------------------------------
 
     def decode(self, data: bytes, owner: str) -> StepRequest:
+        fields = _fields(data) if len(data) <= self.max_request_bytes and type(data) is bytes else None
+        tail = None
+        if fields and fields[-1][0] == _METADATA:
+            tail = _tail_step(data[fields[-1][2]:fields[-1][3]])
+            if tail is not None:
+                request = self._refill(data, fields, (owner, tail[0]), tail[1])
+                if request is not None:
+                    return request
         message = parse_message(data, limits=self.limits)  # WireError for what is not a message at all
-        tail = _tail_step(message.metadata) if len(data) <= self.max_request_bytes else None
-        if tail is not None:
-            request = self._refill(message, (owner, tail[0]), tail[1])
-            if request is not None:
-                return request
         built: dict[int, torch.Tensor] = {}
         request = StepRequest.from_wire(
             decode(message.tensors, message.metadata, limits=self.limits, raw_keys=FORWARDED_KEYS, built=built)
         )
         if tail is not None and tail[1] == request.step:
-            self._remember((owner, tail[0]), message, request, built)
+            self._remember((owner, tail[0]), data, fields, message, request, built)
         return request
 
     def settle(self, request: StepRequest) -> None:
@@ -112,63 +168,66 @@ class SteadySteps:
             if found is None or found[1].request is not request:
                 return
             key, template = found
-            template.busy = False
+            template.busy = template.hit = False
+            template.fields, template.data = [], b""
             if template.counts() != template.refs:
                 self.dropped += 1
                 self._forget(key)
 
-    # ---- internals ------------------------------------------------------------------------------------
-
-    def _refill(self, message, key: tuple[str, bytes], step: int) -> StepRequest | None:
+    def _refill(self, data: bytes, fields: list, key: tuple[str, bytes], step: int) -> StepRequest | None:
         with self._lock:
             template = self._templates.get(key)
             if template is None or template.busy or step != template.request.step + 1 or step >= 1 << 31:
                 return None
-            protos = message.tensors
-            if len(protos) != len(template.signature):
+            tensor_fields = fields[:-1]
+            if len(tensor_fields) != len(template.tensors):
                 return None
-            buffers = []
-            for proto, signature in zip(protos, template.signature):
-                buffer = proto.buffer  # a copy out of the proto: read once
-                if (proto.dtype, tuple(proto.size), proto.compression, proto.requires_grad, len(buffer)) != signature:
+            for (tag, _, start, end), (head, size, rest) in zip(tensor_fields, template.tensors):
+                if (tag != _TENSORS or end - start != len(head) + size + len(rest) or not data.startswith(head, start)
+                        or data[start + len(head) + size:end] != rest):
                     return None
-                buffers.append(buffer)
             for i, tensor in template.built:
-                ctypes.memmove(tensor.data_ptr(), buffers[i], len(buffers[i]))
+                head, size, _ = template.tensors[i]
+                at = tensor_fields[i][2] + len(head)
+                ctypes.memmove(tensor.data_ptr(), data[at:at + size], size)
             request = template.request
             request.step = step
             if template.link_tensors is not None:
                 link = request.next
-                request.next = ChainLink(link.peer, [RawTensor(protos[i], None) for i in template.link_tensors],
+                request.next = ChainLink(link.peer, [_cut(data, tensor_fields[i]) for i in template.link_tensors],
                                          link.request, link.hops)
             if template.trail is not None:
-                request.trail = [RawTensor(protos[i], None) for i in template.trail]
-            template.busy = True
+                request.trail = [_cut(data, tensor_fields[i]) for i in template.trail]
+            template.busy = template.hit = True
+            template.fields, template.data = tensor_fields, data
             self._templates.move_to_end(key)
             self.hits += 1
             return request
 
-    def _remember(self, key: tuple[str, bytes], message, request: StepRequest, built: dict[int, torch.Tensor]) -> None:
+    def _remember(self, key: tuple[str, bytes], data: bytes, fields: list, message, request: StepRequest,
+                  built: dict[int, torch.Tensor]) -> None:
         if request.session_id is None or request.new_session:
             return
+        if data != message.SerializeToString():
+            return  # not protobuf's canonical form: what the bytes mean is left to the full decode every time
         protos = message.tensors
-        signature, buffers = [], []
-        for proto in protos:
+        tensors = []
+        for (tag, _, start, end), proto in zip(fields[:-1], protos):
             buffer = proto.buffer
-            signature.append((proto.dtype, tuple(proto.size), proto.compression, proto.requires_grad, len(buffer)))
-            buffers.append(buffer)
+            head = _BUFFER.to_bytes(1, "big") + _varint(len(buffer)) if buffer else b""
+            if tag != _TENSORS or proto.compression != 0 or proto.requires_grad or not data.startswith(head, start):
+                return  # compressed: rebuilt, not copied
+            tensors.append((head, len(buffer), data[start + len(head) + len(buffer):end]))
         top = msgpack.unpackb(message.metadata, raw=False)  # decoded in full just now: well formed
         specs, tree = top[1], top[2]
         if next(reversed(tree), None) != "step":
             return  # the bytes at the end are not the request's own step (a nested map's, a repeated key's)
-        if any(spec is not None for spec in specs) or any(s[2] != 0 or s[3] for s in signature):
-            return  # bit-packed or compressed: rebuilt, not copied
-        if not _copyable(built, buffers):
-            return
+        if any(spec is not None for spec in specs) or not _copyable(built, tensors):
+            return  # bit-packed, bool or converted tensors: rebuilt, not copied
         link = tree.get("next")
         link_tensors = _indices(link.get("tensors")) if isinstance(link, dict) else None
         trail = _indices(tree.get("trail")) if "trail" in tree else None
-        template = _Template(request, signature, sorted(built.items()), specs, link_tensors, trail)
+        template = _Template(request, tensors, sorted(built.items()), link_tensors, trail)
         built.clear()  # the template's counts are taken with only the request and the template holding its tensors
         with self._lock:
             template.refs = template.counts()
@@ -189,13 +248,105 @@ class SteadySteps:
     def __len__(self) -> int:
         return len(self._templates)
 
+    # ---- what a refilled step sends on ----------------------------------------------------------------
 
-def _copyable(built: dict[int, torch.Tensor], buffers: list[bytes]) -> bool:
+    def forward(self, request: StepRequest, hidden: torch.Tensor) -> Forward | None:
+        """A refilled pushed step's next request, put together from learnt framing; None: `swarm.chain` builds it
+        (and, the first time, this learns from what it built: `learn`)."""
+        template = self._running(request)
+        if template is None or template.sends is None or request.next is None:
+            return None
+        out = self._output(template, hidden)
+        if out is None:
+            return None
+        link = request.next
+        prefix, count = template.sends
+        passed = [template.fields[i] for i in (*template.link_tensors, *(template.trail or ()))]
+        if 1 + len(passed) != count:
+            return None
+        metadata = prefix + msgpack.packb(request.step)
+        data = template.data
+        parts = [_TENSORS.to_bytes(1, "big") + _varint(len(out)) + out]
+        parts += [data[tag_at:end] for _, tag_at, _, end in passed]
+        parts.append(_METADATA.to_bytes(1, "big") + _varint(len(metadata)) + metadata)
+        self.assembled += 1
+        return Forward(link.peer, RawTensor(serialized=out), b"".join(parts), None, forward_timeout(request))
+
+    def deliver(self, request: StepRequest, hidden: torch.Tensor, owner: str) -> Delivery | None:
+        """A refilled last hop's reply for the client (tail delivery), as `forward`."""
+        template = self._running(request)
+        if template is None or template.sends is None or request.trail is None:
+            return None
+        out = self._output(template, hidden)
+        if out is None:
+            return None
+        metadata, count = template.sends
+        passed = [template.fields[i] for i in template.trail]
+        if 1 + len(passed) != count:
+            return None
+        data = template.data
+        parts = [_TENSORS.to_bytes(1, "big") + _varint(len(out)) + out]
+        parts += [data[tag_at:end] for _, tag_at, _, end in passed]
+        parts.append(_METADATA.to_bytes(1, "big") + _varint(len(metadata)) + metadata)
+        self.assembled += 1
+        return Delivery(request.session_id, request.step, request.owner or owner, b"".join(parts))
+
+    def learn(self, request: StepRequest, sent: bytes) -> None:
+        """What `swarm.chain` built for a remembered request (its next request, or its reply kept for the client):
+        the framing later steps reuse, when it is one this module reproduces exactly."""
+        template = self._running(request, hit=False)
+        if template is None or template.sends_tried:
+            return
+        template.sends_tried = True
+        fields = _fields(sent)
+        if not fields or fields[-1][0] != _METADATA or any(f[0] != _TENSORS for f in fields[:-1]):
+            return
+        metadata = sent[fields[-1][2]:fields[-1][3]]
+        top = msgpack.unpackb(metadata, raw=False)
+        if any(spec is not None for spec in top[1]):
+            return  # the output went bit-packed (all zeros?): later outputs go raw, the framing would differ
+        if request.tail:
+            if "step" not in top[2]:
+                template.sends = (metadata, len(fields) - 1)  # a reply: the same bytes at every step
+            return
+        tail = _tail_step(metadata)
+        if tail is not None and tail[1] == request.step and next(reversed(top[2]), None) == "step":
+            template.sends = (tail[0], len(fields) - 1)
+
+    def _running(self, request: StepRequest, hit: bool = True) -> _Template | None:
+        found = self._by_request.get(id(request))
+        if found is None or found[1].request is not request or not found[1].busy or found[1].hit is not hit:
+            return None
+        return found[1]
+
+    @staticmethod
+    def _output(template: _Template, hidden: torch.Tensor) -> bytes | None:
+        """The output's proto, serialized: its raw bytes (as `swarm.wire` writes a contiguous CPU tensor), or None
+        for one that `swarm.wire` would write otherwise."""
+        name = _DTYPE_NAMES.get(hidden.dtype)
+        if name is None or hidden.device.type != "cpu" or not hidden.is_contiguous() or hidden.is_neg() or not hidden.numel():
+            return None
+        shape = tuple(hidden.shape)
+        rest = template.out_rest.get((name, shape))
+        if rest is None:
+            from hivemind.proto import runtime_pb2
+
+            rest = template.out_rest[(name, shape)] = runtime_pb2.Tensor(size=shape, dtype=name).SerializeToString()
+        size = hidden.numel() * hidden.element_size()
+        return _BUFFER.to_bytes(1, "big") + _varint(size) + ctypes.string_at(hidden.data_ptr(), size) + rest
+
+
+def _cut(data: bytes, field_: tuple[int, int, int, int]) -> RawTensor:
+    """A tensor passed on as it came: its proto's bytes, parsed only if something asks for the proto."""
+    return RawTensor(serialized=data[field_[2]:field_[3]])
+
+
+def _copyable(built: dict[int, torch.Tensor], tensors: list[tuple[bytes, int, bytes]]) -> bool:
     """Whether every built tensor is plain memory holding exactly its proto's bytes (a bool tensor is normalised,
     a legacy bf16 one converted: rebuilt, not copied)."""
     return all(
         tensor.dtype is not torch.bool and tensor.device.type == "cpu" and tensor.is_contiguous()
-        and tensor.numel() * tensor.element_size() == len(buffers[i])
+        and tensor.numel() * tensor.element_size() == tensors[i][1]
         for i, tensor in built.items()
     )
 

@@ -80,7 +80,7 @@ def plan_forward(request: StepRequest, hidden: torch.Tensor, caller: str) -> For
     link = request.next
     if link is None:
         return None
-    timeout = (request.hop_timeout or DEFAULT_HOP_TIMEOUT_S) * link.hops
+    timeout = forward_timeout(request)
     out = raw_tensor(hidden)
     try:
         tree = unpack_tree(link.request)
@@ -100,6 +100,11 @@ def plan_forward(request: StepRequest, hidden: torch.Tensor, caller: str) -> For
     except (TypeError, ValueError) as exc:
         return Forward(link.peer, out, None, ProtocolError(f"next.request cannot be forwarded: {exc}"), timeout)
     return Forward(link.peer, out, data_next, None, timeout)
+
+
+def forward_timeout(request: StepRequest) -> float:
+    """Seconds to wait for the next peer of a pushed step: its `hop_timeout` x the hops from there on."""
+    return (request.hop_timeout or DEFAULT_HOP_TIMEOUT_S) * request.next.hops
 
 
 def _link_message(link: ChainLink, tree, hidden: RawTensor, trail=()) -> bytes:
@@ -170,4 +175,4 @@ def unlinked(request: StepRequest) -> list[tuple[str, StepRequest]]:
 
 
 __all__ = ["DEFAULT_HOP_TIMEOUT_S", "FORWARDED_KEYS", "Delivery", "Forward", "ForwardFailed", "PUSH_MAX_BYTES", "deliver",
-           "link_hops", "plan_forward", "unlinked"]
+           "forward_timeout", "link_hops", "plan_forward", "unlinked"]

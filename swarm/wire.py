@@ -156,17 +156,37 @@ class CacheRef:
     session_id: str  # the inference session whose cache this stands for
 
 
-@dataclass(frozen=True, eq=False)
 class RawTensor:
     """A tensor passed on without being decoded: its proto and bit-packing spec exactly as received.
 
     `decode(..., raw_tensors=True)` yields these instead of tensors, and `encode` writes them back as they
     came. A peer forwarding a pushed step uses this to hand the client's arguments and its own output on
     to the next peer without building or re-serializing tensors; the next peer decodes and checks them.
+    One may also hold the proto's serialized bytes instead (`serialized=`, as `peer.steady` cuts them out of
+    a message): the proto is then parsed only if something asks for it.
     """
 
-    proto: runtime_pb2.Tensor
-    spec: Any  # None, or [shape, dtype, fill] for a bit-packed tensor (unchecked: the receiver checks it)
+    __slots__ = ("_proto", "spec", "_serialized")
+
+    def __init__(self, proto: runtime_pb2.Tensor | None = None, spec: Any = None, *, serialized: bytes | None = None):
+        if proto is None and serialized is None:
+            raise ValueError("a RawTensor needs its proto or the proto's serialized bytes")
+        self._proto = proto
+        self.spec = spec  # None, or [shape, dtype, fill] for a bit-packed tensor (unchecked: the receiver checks it)
+        self._serialized = serialized
+
+    @property
+    def proto(self) -> runtime_pb2.Tensor:
+        if self._proto is None:
+            self._proto = runtime_pb2.Tensor.FromString(self._serialized)
+        return self._proto
+
+    @property
+    def serialized(self) -> bytes:
+        """The proto's bytes, as they appear in a message (`ExpertRequest.tensors`)."""
+        if self._serialized is None:
+            self._serialized = self._proto.SerializeToString()
+        return self._serialized
 
 
 @dataclass(frozen=True)

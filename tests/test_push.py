@@ -156,6 +156,8 @@ def test_a_pushed_step_is_one_client_call_and_gives_the_same_tokens(llama, push,
     assert transport.collected == (steps if tail else 0)  # every step's outputs came from the last peer
     # the prefill opens the sessions, the first decode step is decoded in full; every later one is refilled
     assert [p.handler.steady.hits for p in peers] == [steps - 2] * 3
+    # and what they send on (the next request; the last peer's kept reply, with tail delivery) is put together
+    assert [p.handler.steady.assembled for p in peers] == [steps - 2 if push else 0] * 2 + [steps - 2 if tail else 0]
     beams = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)  # reorders ride along, pushed
     assert torch.equal(split.generate(ids(), **beams), local.generate(ids(), **beams))
     import gc

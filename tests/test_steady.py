@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from peer.steady import SteadySteps
-from swarm.chain import FORWARDED_KEYS, link_hops, plan_forward
+from swarm.chain import FORWARDED_KEYS, deliver, link_hops, plan_forward
 from swarm.protocol import CacheRef, StepRequest
 from swarm.wire import WireError, decode_message, encode_message
 
 
 def _request(step: int, seed: int, *, session: str = "s1", max_length: int | None = 64, rows: int = 1,
-             mask: torch.Tensor | None = None, pushed: bool = False) -> bytes:
+             mask: torch.Tensor | None = None, pushed: bool = False, last: bool = False) -> bytes:
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(rows, 1, 8, generator=g)
     cos, sin = torch.randn(rows, 1, 4, generator=g), torch.randn(rows, 1, 4, generator=g)
@@ -26,6 +26,9 @@ def _request(step: int, seed: int, *, session: str = "s1", max_length: int | Non
                             session_key="k" * 32, hop_timeout=5.0)
         request.next = link_hops([("peer-b", {k: v for k, v in later.to_wire().items() if k != "hidden" and v is not None})])
         request.trail = []
+    if last:  # the last hop of a pushed step with tail delivery: the outputs before it, as a forwarding peer sends them
+        request.session_key, request.owner, request.hop_timeout, request.tail = "k" * 32, "client", 5.0, True
+        request.trail = [torch.randn(rows, 1, 8, generator=g) for _ in range(2)]
     return encode_message(request.to_wire())
 
 
@@ -129,3 +132,24 @@ def test_garbage_still_gets_the_full_decoders_error():
     with pytest.raises(WireError):
         steady.decode(b"\x0a\xff\xff", "client")
     assert steady.decode(good, "client").step == 4 and steady.hits == 1  # and the session goes on
+
+
+def test_what_a_refilled_step_sends_on_is_the_bytes_swarm_chain_builds():
+    """The next request of a pushed step, and the last hop's reply kept for the client, are put together from the
+    framing learnt at the first step (as `peer.handler` does); they must be exactly what `swarm.chain` builds from
+    the full decode of the same bytes."""
+    for last in (False, True):
+        steady = SteadySteps()
+        for step in (3, 4, 5, 127, 128, 129):  # 127 -> 128: the step takes two bytes from there, the lengths change
+            data = _request(step, step, pushed=not last, last=last)
+            got, want = steady.decode(data, "peer-a"), _full(data)
+            out = torch.randn(1, 1, 8)
+            built = deliver(want, out, "peer-a").data if last else plan_forward(want, out, "peer-a").request
+            sent = steady.deliver(got, out, "peer-a") if last else steady.forward(got, out)
+            if sent is None:  # what the handler does: swarm.chain builds it, and steady learns from it
+                steady.learn(got, built)
+            else:
+                assert (sent.data if last else sent.request) == built
+            steady.settle(got)
+        # 3 and 127 were decoded in full (127 does not follow 5) and taught the framing; the other four were refilled
+        assert steady.hits == steady.assembled == 4
