@@ -64,6 +64,18 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+def _packed_step(step: int) -> bytes:
+    """`msgpack.packb(step)` for a step (0 <= step < 2**31), without msgpack's code: one less library on the path
+    of a process that has been waiting (docs/performance.md)."""
+    if step < 0x80:
+        return bytes((step,))
+    if step < 0x100:
+        return b"\xcc" + bytes((step,))
+    if step < 0x10000:
+        return b"\xcd" + step.to_bytes(2, "big")
+    return b"\xce" + step.to_bytes(4, "big")
+
+
 def _fields(data: bytes) -> list[tuple[int, int, int, int]] | None:
     """The top-level fields of a message, each (tag, where its tag starts, where its value starts, its end), when all
     are length-delimited and well framed; else None."""
@@ -264,7 +276,7 @@ class SteadySteps:
         passed = [template.fields[i] for i in (*template.link_tensors, *(template.trail or ()))]
         if 1 + len(passed) != count:
             return None
-        metadata = prefix + msgpack.packb(request.step)
+        metadata = prefix + _packed_step(request.step)
         data = template.data
         parts = [_TENSORS.to_bytes(1, "big") + _varint(len(out)) + out]
         parts += [data[tag_at:end] for _, tag_at, _, end in passed]

@@ -158,8 +158,6 @@ async def call_step(stub, request: bytes, direct=None, peer_id: str | None = Non
     over that TCP connection. Otherwise over libp2p: a request that fits goes in one unary message; one
     that does not, or whose reply would not (the peer answers empty), goes over a stream: a session step
     is numbered, so the repeat is answered from the reply the peer kept, not run twice."""
-    from hivemind.utils.asyncio import iter_as_aiter
-
     if direct is not None and peer_id is not None:
         reply = await direct.step(stub, peer_id, request)
         if reply is not None:
@@ -169,6 +167,8 @@ async def call_step(stub, request: bytes, direct=None, peer_id: str | None = Non
         reply = await stub.rpc_step_unary(runtime_pb2.ExpertRequest(metadata=request))
         if reply.metadata:
             return reply.metadata
+    from hivemind.utils.asyncio import iter_as_aiter  # only here: the direct path above runs no import statement
+
     stream = await stub.rpc_step(iter_as_aiter(split_message(request)))
     return await read_reply(stream)
 

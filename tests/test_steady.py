@@ -153,3 +153,12 @@ def test_what_a_refilled_step_sends_on_is_the_bytes_swarm_chain_builds():
             steady.settle(got)
         # 3 and 127 were decoded in full (127 does not follow 5) and taught the framing; the other four were refilled
         assert steady.hits == steady.assembled == 4
+
+
+def test_the_step_is_packed_as_msgpack_packs_it():
+    import msgpack
+
+    from peer.steady import _packed_step
+
+    for step in [*range(70_000), 1 << 20, (1 << 31) - 1]:
+        assert _packed_step(step) == msgpack.packb(step)
