@@ -393,17 +393,25 @@ class BlockRunner:
 
     def _compute(self, req: StepRequest, cache) -> torch.Tensor:
         device, dtype = self.loaded.device, self.loaded.dtype
-        hidden = req.hidden.to(device=device, dtype=dtype)
-        calls = [
-            (tuple(_prepare(a, cache, device, dtype) for a in args), {k: _prepare(v, cache, device, dtype) for k, v in kwargs.items()})
-            for args, kwargs in req.calls
-        ]
+        kept = req.prepared
+        if kept is not None and kept[0] is cache:  # a refilled request (peer.steady): its tensors are the same objects
+            hidden, calls = req.hidden, kept[1]
+        else:
+            hidden = req.hidden.to(device=device, dtype=dtype)
+            calls = [
+                (tuple(_prepare(a, cache, device, dtype) for a in args), {k: _prepare(v, cache, device, dtype) for k, v in kwargs.items()})
+                for args, kwargs in req.calls
+            ]
+            if hidden is req.hidden and _unconverted(req.calls, calls):  # nothing copied: valid for its next refills too
+                req.prepared = (cache, calls)
         with torch.inference_mode():
             for offset, i in enumerate(range(req.start, req.end)):
                 args, kwargs = calls[req.layer_calls[offset]]
                 block: nn.Module = self.loaded.blocks[i - self.start]
                 out = block(hidden, *args, **kwargs)
                 hidden = out[0] if isinstance(out, (tuple, list)) else out
+        if hidden.is_cpu and hidden.dtype is req.hidden.dtype:
+            return hidden
         return hidden.to(device="cpu", dtype=req.hidden.dtype)
 
     def _drop(self, session: Session) -> None:
@@ -490,6 +498,17 @@ def _cache_batch(cache, layer: int) -> int:
         return 0
     keys = getattr(layers[layer], "keys", None)
     return int(keys.shape[0]) if isinstance(keys, torch.Tensor) and keys.ndim > 0 and keys.numel() else 0
+
+
+def _unconverted(raw, prepared) -> bool:
+    """Whether `_prepare` left every tensor of `raw` as it was (the same object in `prepared`)."""
+    if isinstance(raw, torch.Tensor):
+        return prepared is raw
+    if isinstance(raw, (tuple, list)):
+        return len(raw) == len(prepared) and all(_unconverted(a, b) for a, b in zip(raw, prepared))
+    if isinstance(raw, dict):
+        return all(_unconverted(v, prepared[k]) for k, v in raw.items())
+    return True
 
 
 def _prepare(value, cache, device: torch.device, dtype: torch.dtype):

@@ -133,7 +133,10 @@ class _Template:
     out_rest: dict = field(default_factory=dict)  # (dtype, shape) -> the output proto's fields after its buffer
 
     def counts(self) -> list[int]:
-        return [sys.getrefcount(tensor) for _, tensor in self.built]
+        """The built tensors' reference counts, less those the runner's prepared arguments hold (`StepRequest.prepared`,
+        kept with the request on purpose)."""
+        held = _tensor_ids(self.request.prepared[1]) if self.request.prepared is not None else {}
+        return [sys.getrefcount(tensor) - held.get(id(tensor), 0) for _, tensor in self.built]
 
 
 class SteadySteps:
@@ -346,6 +349,20 @@ class SteadySteps:
             rest = template.out_rest[(name, shape)] = runtime_pb2.Tensor(size=shape, dtype=name).SerializeToString()
         size = hidden.numel() * hidden.element_size()
         return _BUFFER.to_bytes(1, "big") + _varint(size) + ctypes.string_at(hidden.data_ptr(), size) + rest
+
+
+def _tensor_ids(value, out: dict | None = None) -> dict[int, int]:
+    """How many times each tensor (by id) appears in a structure of tuples, lists and dicts."""
+    out = {} if out is None else out
+    if isinstance(value, torch.Tensor):
+        out[id(value)] = out.get(id(value), 0) + 1
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _tensor_ids(item, out)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _tensor_ids(item, out)
+    return out
 
 
 def _cut(data: bytes, field_: tuple[int, int, int, int]) -> RawTensor:

@@ -114,6 +114,9 @@ class StepRequest:
     hop_timeout: float | None = None  # a pushed step: seconds each hop may take; the next peer is waited for that x its hops
     trail: list | None = None  # tail delivery: the outputs of the hops before this one (RawTensors on a peer), in route order
     tail: bool = False  # tail delivery: the last hop; its reply is kept for the client's `CollectRequest`
+    # the peer's own: the arguments as its blocks take them, kept with a request that is refilled step after step
+    # (peer.steady); never on the wire
+    prepared: Any = field(default=None, repr=False, compare=False)
 
     # `step` makes a retried request safe: a peer that already ran step n of a session answers a repeat
     # of it with the reply it kept, instead of running it twice (its reply may have been lost on the way);

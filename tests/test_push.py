@@ -590,3 +590,23 @@ def test_e2e_bad_chain_entries_and_keyless_forwards_are_refused_clearly(llama8, 
     finally:
         attacker.close()
         honest.swarm_connection.close()
+
+
+def test_a_block_that_keeps_its_arguments_never_sees_them_refilled(llama):
+    """A peer reuses a refilled request's tensors from step to step (`peer.steady`); a block (or cache) that keeps
+    one must keep what it got: the template is dropped after the step that let it go, and the next step is decoded
+    anew."""
+    path, local = llama
+    split, peers, *_ = make_split(path, [(0, 2), (2, 4), (4, 6)])
+    block = peers[1].handler.runner.loaded.blocks[0]
+    kept, forward = [], block.forward
+
+    def keeping(*args, **kwargs):
+        kept.append((kwargs["position_ids"], int(kwargs["position_ids"].flatten()[-1])))
+        return forward(*args, **kwargs)
+
+    block.forward = keeping
+    assert torch.equal(split.generate(ids(), **GREEDY), local.generate(ids(), **GREEDY))
+    assert all(int(t.flatten()[-1]) == value for t, value in kept)  # nothing it kept was overwritten since
+    assert peers[1].handler.steady.dropped > 0 and peers[1].handler.steady.hits == 0
+    assert peers[0].handler.steady.hits == GREEDY["max_new_tokens"] - 2  # the other peers go on refilling
