@@ -53,7 +53,9 @@ WRAPPED = [
     ("swarm.protocol", "StepRequest", "from_wire", "request checks"),
     ("peer.runner", "BlockRunner", "_begin", "session and cache checks"),
     ("peer.runner", "BlockRunner", "_compute", "blocks"),
+    ("peer.steady", "SteadySteps", "forward", "next request assembled"),  # a refilled step's (None otherwise, then:)
     ("peer.handler", None, "plan_forward", "next request built"),
+    ("peer.steady", "SteadySteps", "deliver", "reply assembled for the client"),  # tail delivery, refilled
     ("peer.handler", None, "encode_message", "reply encoded"),
     ("peer.handler", None, "deliver", "reply kept for the client"),
     ("peer.tails", "Tails", "put", "reply handed to the client"),

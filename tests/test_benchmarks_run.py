@@ -55,10 +55,12 @@ def test_hop_trace_still_finds_every_stage_of_a_pushed_step():
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     stages = summary["stages_us"]
     assert 0 < summary["local_without_blocks_us"] and 0 < summary["client_between_steps_us"] < 1e3 * summary["ms_per_token"]
+    # decode steps after the first are refilled (peer.steady): what they send on is assembled, not built
     for needle in ("client sends -> peer0 step start", "peer0 blocks start -> peer0 blocks end",
-                   "peer0 next request built start -> peer0 next request built end", "peer1 decode start -> peer1 decode end",
-                   "peer1 reply kept for the client start -> peer1 reply kept for the client end",  # tail delivery,
-                   "peer1 reply kept for the client end -> peer1 reply handed to the client start"):  # the default
+                   "peer0 next request assembled start -> peer0 next request assembled end",
+                   "peer1 decode start -> peer1 decode end",
+                   "peer1 reply assembled for the client start -> peer1 reply assembled for the client end",  # tail
+                   "peer1 reply assembled for the client end -> peer1 reply handed to the client start"):  # delivery
         assert needle in stages, sorted(stages)
     # the client's wait ends after the last peer handed it the reply; the first peer's handling of the chain's
     # DELIVERED answer runs at the same time and may come in between (its "step end" just before the client's)
