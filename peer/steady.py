@@ -271,40 +271,35 @@ class SteadySteps:
         template = self._running(request)
         if template is None or template.sends is None or request.next is None:
             return None
-        out = self._output(template, hidden)
-        if out is None:
+        passed = (*template.link_tensors, *(template.trail or ()))
+        built = self._assemble(template, hidden, passed, template.sends[0] + _packed_step(request.step))
+        if built is None:
             return None
-        link = request.next
-        prefix, count = template.sends
-        passed = [template.fields[i] for i in (*template.link_tensors, *(template.trail or ()))]
-        if 1 + len(passed) != count:
-            return None
-        metadata = prefix + _packed_step(request.step)
-        data = template.data
-        parts = [_TENSORS.to_bytes(1, "big") + _varint(len(out)) + out]
-        parts += [data[tag_at:end] for _, tag_at, _, end in passed]
-        parts.append(_METADATA.to_bytes(1, "big") + _varint(len(metadata)) + metadata)
-        self.assembled += 1
-        return Forward(link.peer, RawTensor(serialized=out), b"".join(parts), None, forward_timeout(request))
+        out, data = built
+        return Forward(request.next.peer, RawTensor(serialized=out), data, None, forward_timeout(request))
 
     def deliver(self, request: StepRequest, hidden: torch.Tensor, owner: str) -> Delivery | None:
         """A refilled last hop's reply for the client (tail delivery), as `forward`."""
         template = self._running(request)
         if template is None or template.sends is None or request.trail is None:
             return None
-        out = self._output(template, hidden)
-        if out is None:
+        built = self._assemble(template, hidden, template.trail, template.sends[0])
+        if built is None:
             return None
-        metadata, count = template.sends
-        passed = [template.fields[i] for i in template.trail]
-        if 1 + len(passed) != count:
+        return Delivery(request.session_id, request.step, request.owner or owner, built[1])
+
+    def _assemble(self, template: _Template, hidden: torch.Tensor, passed: tuple | list, metadata: bytes):
+        """(the output's proto bytes, the message: the output, then the request's tensors `passed` as they came, then
+        `metadata`), or None when the learnt framing does not fit."""
+        out = self._output(template, hidden)
+        if out is None or 1 + len(passed) != template.sends[1]:
             return None
         data = template.data
         parts = [_TENSORS.to_bytes(1, "big") + _varint(len(out)) + out]
-        parts += [data[tag_at:end] for _, tag_at, _, end in passed]
+        parts += [data[template.fields[i][1]:template.fields[i][3]] for i in passed]
         parts.append(_METADATA.to_bytes(1, "big") + _varint(len(metadata)) + metadata)
         self.assembled += 1
-        return Delivery(request.session_id, request.step, request.owner or owner, b"".join(parts))
+        return out, b"".join(parts)
 
     def learn(self, request: StepRequest, sent: bytes) -> None:
         """What `swarm.chain` built for a remembered request (its next request, or its reply kept for the client):
