@@ -231,7 +231,7 @@ class SteadySteps:
             buffer = proto.buffer
             head = _BUFFER.to_bytes(1, "big") + _varint(len(buffer)) if buffer else b""
             if tag != _TENSORS or proto.compression != 0 or proto.requires_grad or not data.startswith(head, start):
-                return  # compressed: rebuilt, not copied
+                return  # not a tensor field, compressed, or its buffer not first: decoded in full every time
             tensors.append((head, len(buffer), data[start + len(head) + len(buffer):end]))
         top = msgpack.unpackb(message.metadata, raw=False)  # decoded in full just now: well formed
         specs, tree = top[1], top[2]
