@@ -43,6 +43,10 @@ from swarm.wire import encode_message
 
 logger = logging.getLogger(__name__)
 
+# how long the last hop of a pushed step holds the chain's DELIVERED answer (tail delivery): measured on 2 cores,
+# about 2-3% of a small model's token (benchmarks/ab.py, docs/performance.md)
+DELIVERED_DELAY_S = 0.0005
+
 
 @dataclass
 class PeerConfig:
@@ -125,6 +129,9 @@ class PeerServer:
         reply = await self._compute.submit(data, owner)
         if isinstance(reply, Delivery):  # the last hop of a pushed step: its client collects the reply from here
             self.tails.put(reply)
+            # the chain's answer is read only if the tail does not come: sent at once, it would wake the peers before
+            # this one just as the client wakes for the reply, and on a machine of few cores they take turns
+            await asyncio.sleep(DELIVERED_DELAY_S)
             return DELIVERED
         if isinstance(reply, Forward):
             # a pushed step goes on to the next peer from here, on the event loop: the compute thread is free meanwhile

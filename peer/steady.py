@@ -44,24 +44,15 @@ import torch
 
 from swarm.chain import FORWARDED_KEYS, Delivery, Forward, forward_timeout
 from swarm.protocol import ChainLink, StepRequest
-from swarm.wire import DEFAULT_LIMITS, Limits, RawTensor, decode, parse_message
+from swarm.wire import (
+    BUFFER_TAG, DEFAULT_LIMITS, METADATA_TAG, TENSORS_TAG, Limits, RawTensor, decode, message_fields, parse_message, varint,
+)
 
 _STEP_KEY = msgpack.packb("step")  # b"\xa4step": the key `step` is written last, its int right after it
 # msgpack's encodings of a non-negative int: (bytes after the key, payload bytes); the first byte tells which
 _INT_TAILS = ((1, 0), (2, 1), (3, 2), (5, 4))
 _INT_MARKERS = {1: 0xCC, 2: 0xCD, 4: 0xCE}
-_TENSORS, _METADATA = 0x12, 0x1A  # ExpertRequest fields 2 (repeated Tensor) and 3 (bytes), length-delimited
-_BUFFER = 0x0A  # Tensor field 1 (bytes): written first in protobuf's canonical form
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _packed_step(step: int) -> bytes:
@@ -74,31 +65,6 @@ def _packed_step(step: int) -> bytes:
     if step < 0x10000:
         return b"\xcd" + step.to_bytes(2, "big")
     return b"\xce" + step.to_bytes(4, "big")
-
-
-def _fields(data: bytes) -> list[tuple[int, int, int, int]] | None:
-    """The top-level fields of a message, each (tag, where its tag starts, where its value starts, its end), when all
-    are length-delimited and well framed; else None."""
-    out, pos, end = [], 0, len(data)
-    while pos < end:
-        tag, start, size, shift = data[pos], pos, 0, 0
-        if tag & 7 != 2:
-            return None
-        pos += 1
-        while True:
-            if pos >= end or shift > 28:
-                return None
-            byte = data[pos]
-            pos += 1
-            size |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                break
-        if pos + size > end:
-            return None
-        out.append((tag, start, pos, pos + size))
-        pos += size
-    return out
 
 
 def _tail_step(metadata: bytes) -> tuple[bytes, int] | None:
@@ -158,9 +124,9 @@ class SteadySteps:
     # ---- decode ---------------------------------------------------------------------------------------
 
     def decode(self, data: bytes, owner: str) -> StepRequest:
-        fields = _fields(data) if len(data) <= self.max_request_bytes and type(data) is bytes else None
+        fields = message_fields(data) if len(data) <= self.max_request_bytes and type(data) is bytes else None
         tail = None
-        if fields and fields[-1][0] == _METADATA:
+        if fields and fields[-1][0] == METADATA_TAG:
             tail = _tail_step(data[fields[-1][2]:fields[-1][3]])
             if tail is not None:
                 request = self._refill(data, fields, (owner, tail[0]), tail[1])
@@ -198,7 +164,7 @@ class SteadySteps:
             if len(tensor_fields) != len(template.tensors):
                 return None
             for (tag, _, start, end), (head, size, rest) in zip(tensor_fields, template.tensors):
-                if (tag != _TENSORS or end - start != len(head) + size + len(rest) or not data.startswith(head, start)
+                if (tag != TENSORS_TAG or end - start != len(head) + size + len(rest) or not data.startswith(head, start)
                         or data[start + len(head) + size:end] != rest):
                     return None
             for i, tensor in template.built:
@@ -229,8 +195,8 @@ class SteadySteps:
         tensors = []
         for (tag, _, start, end), proto in zip(fields[:-1], protos):
             buffer = proto.buffer
-            head = _BUFFER.to_bytes(1, "big") + _varint(len(buffer)) if buffer else b""
-            if tag != _TENSORS or proto.compression != 0 or proto.requires_grad or not data.startswith(head, start):
+            head = BUFFER_TAG.to_bytes(1, "big") + varint(len(buffer)) if buffer else b""
+            if tag != TENSORS_TAG or proto.compression != 0 or proto.requires_grad or not data.startswith(head, start):
                 return  # not a tensor field, compressed, or its buffer not first: decoded in full every time
             tensors.append((head, len(buffer), data[start + len(head) + len(buffer):end]))
         top = msgpack.unpackb(message.metadata, raw=False)  # decoded in full just now: well formed
@@ -295,9 +261,9 @@ class SteadySteps:
         if out is None or 1 + len(passed) != template.sends[1]:
             return None
         data = template.data
-        parts = [_TENSORS.to_bytes(1, "big") + _varint(len(out)) + out]
+        parts = [TENSORS_TAG.to_bytes(1, "big") + varint(len(out)) + out]
         parts += [data[template.fields[i][1]:template.fields[i][3]] for i in passed]
-        parts.append(_METADATA.to_bytes(1, "big") + _varint(len(metadata)) + metadata)
+        parts.append(METADATA_TAG.to_bytes(1, "big") + varint(len(metadata)) + metadata)
         self.assembled += 1
         return out, b"".join(parts)
 
@@ -308,8 +274,8 @@ class SteadySteps:
         if template is None or template.sends_tried:
             return
         template.sends_tried = True
-        fields = _fields(sent)
-        if not fields or fields[-1][0] != _METADATA or any(f[0] != _TENSORS for f in fields[:-1]):
+        fields = message_fields(sent)
+        if not fields or fields[-1][0] != METADATA_TAG or any(f[0] != TENSORS_TAG for f in fields[:-1]):
             return
         metadata = sent[fields[-1][2]:fields[-1][3]]
         top = msgpack.unpackb(metadata, raw=False)
@@ -343,7 +309,7 @@ class SteadySteps:
 
             rest = template.out_rest[(name, shape)] = runtime_pb2.Tensor(size=shape, dtype=name).SerializeToString()
         size = hidden.numel() * hidden.element_size()
-        return _BUFFER.to_bytes(1, "big") + _varint(size) + ctypes.string_at(hidden.data_ptr(), size) + rest
+        return BUFFER_TAG.to_bytes(1, "big") + varint(size) + ctypes.string_at(hidden.data_ptr(), size) + rest
 
 
 def _tensor_ids(value, out: dict | None = None) -> dict[int, int]:

@@ -53,7 +53,7 @@ from swarm.chain import PUSH_MAX_BYTES, link_hops
 from swarm.protocol import DELIVERED, CollectRequest, ProtocolError, RemoteError, StepRequest, StepResponse, raise_if_error
 from swarm.remote import ClientSession
 from swarm.routing import Hop, MissingBlocksError, Span, choose_route, missing_blocks
-from swarm.wire import WireError, decode_message, encode_message
+from swarm.wire import RepeatDecoder, RepeatEncoder, WireError, decode_message, encode_message, skeleton
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +293,9 @@ class _SessionState:
     steps: list[_Step] = field(default_factory=list)
     history_bytes: int = 0
     history_dropped: bool = False  # over RetryPolicy.max_history_bytes: failures can no longer be replayed
+    # the replies collected from the last peer (tail delivery): a decode step's repeat one framing
+    replies: RepeatDecoder = field(default_factory=RepeatDecoder)
+    requests: RepeatEncoder = field(default_factory=RepeatEncoder)  # its pushed steps' requests: the same, sent
 
 
 class _Recovery:
@@ -532,23 +535,36 @@ class SwarmRouter:
         first, last = hops[0], hops[-1]
         collects = getattr(self.transport, "collects", None)
         tail = self.tail and collects is not None and collects(first.hop.peer_id, last.hop.peer_id)
-        requests = [
-            build_step(
-                shop.hop, hidden, layer_calls, session, step.ops, attn_implementation, session_id=shop.session_id,
-                new_session=t == 0, step=t, session_key=shop.key if (i > 0 or t == 0) else None,
-            )
-            for i, shop in enumerate(hops)
-        ]
-        for request in requests:
-            request.hop_timeout = self.policy.hop_timeout_s
-        if tail:
-            requests[0].trail, requests[-1].tail = [], True  # each peer adds its output to the trail; the last keeps all
-        # the previous peer's output goes in as "hidden"; absent fields read as unset (fewer nodes to walk)
-        requests[0].next = link_hops([
-            (shop.hop.peer_id, {k: v for k, v in request.to_wire().items() if k != "hidden" and v is not None and v != []})
-            for shop, request in zip(hops[1:], requests[1:])
-        ])
-        data = encode_message(requests[0].to_wire())  # the hops' shared tensors (rotary, cache ops) travel once
+
+        def build() -> dict:
+            requests = [
+                build_step(
+                    shop.hop, hidden, layer_calls, session, step.ops, attn_implementation, session_id=shop.session_id,
+                    new_session=t == 0, step=t, session_key=shop.key if (i > 0 or t == 0) else None,
+                )
+                for i, shop in enumerate(hops)
+            ]
+            for request in requests:
+                request.hop_timeout = self.policy.hop_timeout_s
+            if tail:
+                requests[0].trail, requests[-1].tail = [], True  # each peer adds its output to the trail; the last keeps all
+            # the previous peer's output goes in as "hidden"; absent fields read as unset (fewer nodes to walk)
+            requests[0].next = link_hops([
+                (shop.hop.peer_id, {k: v for k, v in request.to_wire().items() if k != "hidden" and v is not None and v != []})
+                for shop, request in zip(hops[1:], requests[1:])
+            ])
+            return requests[0].to_wire()  # encoded: the hops' shared tensors (rotary, cache ops) travel once
+
+        # a decode step of a running session is the last one's request but for its tensors and step: refilled
+        # (swarm.wire.RepeatEncoder) when everything else it is built from is the last step's
+        tensors = [hidden]
+        shape = skeleton(layer_calls, tensors, {id(hidden): 0}) if t > 0 and not step.ops else None
+        if shape is None:
+            data = encode_message(build())
+        else:
+            key = (shape, tuple((s.hop.peer_id, s.hop.start, s.hop.end, s.session_id, s.key) for s in hops), tail,
+                   attn_implementation, session.max_length, session.cache_class, self.policy.hop_timeout_s)
+            data = state.requests.encode(key, tensors, t, build)
         if len(data) > PUSH_MAX_BYTES:
             return 0, None
         for shop in hops:
@@ -562,7 +578,7 @@ class SwarmRouter:
                 step.keep()  # the step is on its way: copy the caller's arguments while the peers run it
                 kind, raw = pushed.first(skip_chain=DELIVERED)
                 if kind == "tail":
-                    outs = self._delivered(session, t, raw, len(hops), hidden)
+                    outs = self._delivered(session, state, t, raw, hidden)
                     if outs is not None:
                         self._record_pushed(state, t, outs)
                         return len(hops), outs[-1]
@@ -577,10 +593,12 @@ class SwarmRouter:
             return 0, None
         return self._unnest(session, state, t, raw, hidden)
 
-    def _delivered(self, session: ClientSession, t: int, raw: bytes, n: int, hidden: torch.Tensor) -> list | None:
-        """The outputs of all `n` hops from the last peer's collected reply, or None (logged) if it is an error."""
+    def _delivered(self, session: ClientSession, state: _SessionState, t: int, raw: bytes, hidden: torch.Tensor) -> list | None:
+        """The outputs of all the session's hops from the last peer's collected reply, or None (logged) if it is an
+        error."""
+        n = len(state.hops)
         try:
-            reply = decode_message(raw)
+            reply = state.replies.decode(raw)
             if isinstance(reply, dict) and isinstance(reply.get("error"), dict):
                 raise RemoteError("(the last)", str(reply["error"].get("type"))[:64], str(reply["error"].get("message"))[:4096])
             response = StepResponse.from_wire(reply)

@@ -32,7 +32,7 @@ import math
 import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import msgpack
 import numpy as np
@@ -44,17 +44,22 @@ __all__ = [
     "CacheRef",
     "Limits",
     "RawTensor",
+    "RepeatDecoder",
+    "RepeatEncoder",
     "WireError",
     "decode",
     "decode_message",
     "encode",
     "encode_message",
     "encode_tree",
+    "message_fields",
     "message_from_tree",
     "parse_message",
     "unpack_tree",
     "raw_tensor",
+    "skeleton",
     "tensor_list",
+    "varint",
     "FORMAT_VERSION",
 ]
 
@@ -440,12 +445,15 @@ def encode(
     *,
     activation_compression: int | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    indices: dict[int, int] | None = None,
 ) -> tuple[list[runtime_pb2.Tensor], bytes]:
     """Encode a nested structure into (tensor protos, msgpack metadata).
 
     ``activation_compression``: a ``runtime_pb2.CompressionType`` (FLOAT16 or MEANSTD_16BIT) applied to
     float32/float64 tensors that are not masks; bf16/fp16 are already 16-bit and go raw. None or NONE
     sends every tensor exactly. ``limits``: refuse here what a receiver with these limits would refuse.
+
+    ``indices``, when given, receives each tensor's proto index by its ``id`` (`RepeatEncoder` refills them).
 
     Raises TypeError (with the path) for objects the wire cannot carry, ValueError for sizes over the limits.
     """
@@ -467,6 +475,8 @@ def encode(
             f"metadata is {len(metadata)} bytes, limit is {limits.max_metadata_bytes} (Limits.max_metadata_bytes); "
             "send big values as tensors"
         )
+    if indices is not None:
+        indices.update(encoder.index_by_id)
     return encoder.protos, metadata
 
 
@@ -476,9 +486,10 @@ def encode_message(
     uid: str = "",
     activation_compression: int | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    indices: dict[int, int] | None = None,
 ) -> bytes:
     """`encode` packed into one serialized ``runtime_pb2.ExpertRequest`` (``uid`` is carried, not interpreted)."""
-    tensors, metadata = encode(obj, activation_compression=activation_compression, limits=limits)
+    tensors, metadata = encode(obj, activation_compression=activation_compression, limits=limits, indices=indices)
     return runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=metadata).SerializeToString()
 
 
@@ -894,3 +905,235 @@ def parse_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> runtime_pb
         return runtime_pb2.ExpertRequest.FromString(data)
     except Exception as exc:  # google.protobuf.message.DecodeError and friends
         raise WireError(f"message ({len(data)} bytes) is not a valid ExpertRequest protobuf: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------
+# Messages that repeat one framing
+
+TENSORS_TAG, METADATA_TAG = 0x12, 0x1A  # ExpertRequest fields 2 (repeated Tensor) and 3 (bytes), length-delimited
+BUFFER_TAG = 0x0A  # Tensor field 1 (bytes): written first in protobuf's canonical form
+
+
+def varint(n: int) -> bytes:
+    """Protobuf's encoding of a non-negative int."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def message_fields(data: bytes) -> list[tuple[int, int, int, int]] | None:
+    """The top-level fields of a message, each (tag, where its tag starts, where its value starts, its end), when all
+    are length-delimited and well framed; else None. Reads the framing alone: nothing is decoded or checked."""
+    out, pos, end = [], 0, len(data)
+    while pos < end:
+        tag, start, size, shift = data[pos], pos, 0, 0
+        if tag & 7 != 2:
+            return None
+        pos += 1
+        while True:
+            if pos >= end or shift > 28:
+                return None
+            byte = data[pos]
+            pos += 1
+            size |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        if pos + size > end:
+            return None
+        out.append((tag, start, pos, pos + size))
+        pos += size
+    return out
+
+
+@dataclass(frozen=True)
+class _Framing:
+    """What a message of the learnt framing holds besides its tensors' values."""
+
+    length: int  # the message's size
+    fixed: tuple[tuple[int, bytes], ...]  # (offset, bytes) of everything outside the tensors' buffers
+    tensors: tuple[tuple[int, int, torch.dtype, tuple[int, ...], int], ...]  # per tensor: (buffer offset, bytes, dtype, shape, numel)
+    metadata: bytes  # the msgpack metadata, rebuilt into the structure at each message
+
+
+class RepeatDecoder:
+    """`decode_message` for a stream of messages that repeat one framing: a session's replies to its client.
+
+    A decode step's reply is the same bytes step after step but for its tensors' values. The first reply is
+    decoded in full, and its framing learnt: where each tensor's buffer lies, and every other byte. A later message
+    of the very same length whose other bytes are all equal is then decoded by copying each buffer into a fresh
+    tensor and rebuilding the structure from the (equal, already checked) metadata; anything else is decoded in
+    full again, and becomes the framing to look for. Only framings whose tensors take any bytes as a valid value
+    are learnt: uncompressed, not bit-packed, not bool, no legacy bf16. The result equals `decode_message`'s; it is
+    a few times cheaper, which counts on every token's path in a process that has been waiting
+    (docs/performance.md). One stream per instance: it is not thread-safe.
+    """
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, max_bytes: int = 1 << 20):
+        self.limits = limits
+        self.max_bytes = max_bytes  # larger messages are decoded in full, never learnt
+        self._framing: _Framing | None = None
+        self.hits = 0
+
+    def decode(self, data: bytes) -> Any:
+        framing = self._framing
+        if framing is not None and len(data) == framing.length and all(
+            data.startswith(piece, at) for at, piece in framing.fixed
+        ):
+            tensors = []
+            for at, size, dtype, shape, numel in framing.tensors:
+                np_dtype = _NUMPY_DTYPES.get(dtype)
+                if np_dtype is not None:  # shaped by numpy: no torch op (as `_build`)
+                    tensor = torch.from_numpy(np.frombuffer(data, np_dtype, numel, at).reshape(shape).copy())
+                else:
+                    tensor = torch.empty(shape, dtype=dtype)
+                    ctypes.memmove(tensor.data_ptr(), data[at:at + size], size)
+                tensors.append(tensor)
+            self.hits += 1
+            return _walk(_Decoder(tensors, self.limits.max_depth), msgpack.unpackb(framing.metadata, raw=False)[2])
+        message = parse_message(data, limits=self.limits)
+        built: dict[int, torch.Tensor] = {}
+        result = decode(message.tensors, message.metadata, limits=self.limits, built=built)
+        self._framing = self._learn(data, message, built) if len(data) <= self.max_bytes else None
+        return result
+
+    @staticmethod
+    def _learn(data: bytes, message: runtime_pb2.ExpertRequest, built: dict[int, torch.Tensor]) -> _Framing | None:
+        fields_ = message_fields(data)
+        protos = message.tensors
+        if not fields_ or fields_[-1][0] != METADATA_TAG or len(fields_) != len(protos) + 1 or len(built) != len(protos):
+            return None
+        if data[fields_[-1][2]:fields_[-1][3]] != message.metadata:
+            return None
+        if any(spec is not None for spec in msgpack.unpackb(message.metadata, raw=False)[1]):
+            return None  # bit-packed tensors: their bits are not their values
+        fixed, tensors, at = [], [], 0
+        for i, ((tag, _, start, end), proto) in enumerate(zip(fields_, protos)):
+            tensor, size = built[i], len(proto.buffer)
+            head = bytes((BUFFER_TAG,)) + varint(size)
+            if (tag != TENSORS_TAG or proto.compression != _NONE or not size or not data.startswith(head, start)
+                    or tensor.dtype is torch.bool or tensor.numel() * tensor.element_size() != size):
+                return None  # compressed, empty, bool or converted (legacy bf16): rebuilt, not copied
+            buffer = start + len(head)
+            fixed.append((at, data[at:buffer]))
+            tensors.append((buffer, size, tensor.dtype, tuple(tensor.shape), tensor.numel()))
+            at = buffer + size
+        fixed.append((at, data[at:]))
+        return _Framing(len(data), tuple(fixed), tuple(tensors), message.metadata)
+
+
+def skeleton(obj: Any, tensors: list[torch.Tensor], seen: dict[int, int] | None = None) -> Any:
+    """What a structure holds besides its tensors' values, as a value that compares equal exactly when two
+    structures encode alike but for those values: each tensor becomes (its number in order of first appearance,
+    dtype, shape, whether contiguous), appended to `tensors` the first time. Leaves keep their type (``1``,
+    ``True`` and ``1.0`` differ). A type `encode` would not send as such (a `RawTensor`, a tensor off the CPU,
+    or one with grad or a negated view) gives ``None``: such a structure is not refilled (`RepeatEncoder`)."""
+    seen = {} if seen is None else seen
+    tp = type(obj)
+    if tp is dict:
+        out = []
+        for key, value in obj.items():
+            part = skeleton(value, tensors, seen)
+            if part is None and value is not None:
+                return None
+            out.append((key, part))
+        return (dict, tuple(out))
+    if tp is list or tp is tuple:
+        out = []
+        for value in obj:
+            part = skeleton(value, tensors, seen)
+            if part is None and value is not None:
+                return None
+            out.append(part)
+        return (tp, tuple(out))
+    if tp is torch.Tensor:
+        number = seen.get(id(obj))
+        if number is None:
+            if obj.device.type != "cpu" or obj.requires_grad or obj.is_neg():
+                return None
+            number = seen[id(obj)] = len(tensors)
+            tensors.append(obj)
+        return (torch.Tensor, number, obj.dtype, tuple(obj.shape), obj.is_contiguous())
+    if tp is CacheRef:
+        return (CacheRef, obj.session_id)
+    if obj is None or tp in _NATIVE_LEAVES or tp is int or tp is torch.dtype:
+        return (tp, obj)
+    return None
+
+
+class RepeatEncoder:
+    """`encode_message` for a stream of structures that repeat one shape: a session's decode-step requests.
+
+    Step after step a client sends the same request but for its tensors' values and its step number. The caller
+    describes what it would build without building it: `key`, equal for two steps exactly when their structures
+    would be equal but for `tensors`' values and `last_int`, the value of the tree's last key `last_key`
+    (`StepRequest.to_wire` writes ``step`` last), plus `tensors` themselves. The first such step is built (`build()`) and
+    encoded in full, and what its bytes hold learnt: where each of `tensors` lies. A later step with an equal `key`
+    and tensors of the same dtypes, shapes and sharing gets those bytes with its tensors' bytes copied in and its
+    `last_int` written anew. Every tensor of the message must be one of `tensors`, contiguous and sent raw (not
+    bit-packed, not compressed, not bool); else nothing is learnt and every step is encoded in full. The bytes
+    decode to exactly what the full encoding's decode to (a value that happens to look like a mask travels raw,
+    where the full encoding would bit-pack it). One stream per instance: it is not thread-safe.
+    """
+
+    def __init__(self, last_key: str = "step", limits: Limits = DEFAULT_LIMITS):
+        self.last_key = last_key
+        self.limits = limits
+        self._learnt: tuple | None = None  # (key, tensor specs, tensor part, [(proto index, buffer offset, bytes)], metadata prefix)
+        self.hits = 0
+
+    def encode(self, key: Any, tensors: Sequence[torch.Tensor], last_int: int, build: Callable[[], Any]) -> bytes:
+        learnt = self._learnt
+        if learnt is not None and learnt[0] == key and len(tensors) == len(learnt[1]):
+            specs = learnt[1]
+            if all(t.dtype == d and t.shape == s and t.is_contiguous() and t.device.type == "cpu" and not t.requires_grad
+                   and not t.is_neg() for t, (d, s) in zip(tensors, specs)):
+                part = bytearray(learnt[2])
+                base = ctypes.addressof(ctypes.c_char.from_buffer(part))
+                for j, at, size in learnt[3]:
+                    ctypes.memmove(base + at, tensors[j].data_ptr(), size)
+                metadata = learnt[4] + msgpack.packb(last_int)
+                self.hits += 1
+                return bytes(part) + bytes((METADATA_TAG,)) + varint(len(metadata)) + metadata
+        tree = build()
+        indices: dict[int, int] = {}
+        data = encode_message(tree, limits=self.limits, indices=indices)
+        self._learnt = self._learn(key, tensors, last_int, tree, data, indices)
+        return data
+
+    def _learn(self, key: Any, tensors: Sequence[torch.Tensor], last_int: int, tree: Any, data: bytes,
+               indices: dict[int, int]) -> tuple | None:
+        if (type(tree) is not dict or not tree or next(reversed(tree)) != self.last_key or type(last_int) is not int
+                or type(tree[self.last_key]) is not int or tree[self.last_key] != last_int):
+            return None
+        fields_ = message_fields(data)
+        if not fields_ or fields_[-1][0] != METADATA_TAG or fields_[-1][3] != len(data):
+            return None
+        metadata = data[fields_[-1][2]:]
+        tail = msgpack.packb(last_int)
+        if not metadata.endswith(tail) or any(spec is not None for spec in msgpack.unpackb(metadata, raw=False)[1]):
+            return None
+        protos = fields_[:-1]
+        slots, covered = [], set()
+        for j, tensor in enumerate(tensors):
+            i = indices.get(id(tensor))
+            if i is None or not tensor.is_contiguous() or tensor.dtype is torch.bool or i >= len(protos):
+                return None
+            tag, _, start, end = protos[i]
+            size = tensor.numel() * tensor.element_size()
+            head = bytes((BUFFER_TAG,)) + varint(size)
+            if tag != TENSORS_TAG or not size or not data.startswith(head, start) or start + len(head) + size > end:
+                return None
+            if i not in covered:
+                covered.add(i)
+                slots.append((j, start + len(head), size))
+        if len(covered) != len(protos):
+            return None  # a tensor in the message that is not one of `tensors`: its bytes would go stale
+        for j, at, size in slots:  # the proto's bytes must be the tensor's own (not converted, not compressed)
+            if data[at:at + size] != ctypes.string_at(tensors[j].data_ptr(), size):
+                return None
+        specs = [(t.dtype, t.shape) for t in tensors]
+        return key, specs, data[:fields_[-1][1]], slots, metadata[: len(metadata) - len(tail)]

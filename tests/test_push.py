@@ -199,6 +199,10 @@ def test_a_step_copies_the_callers_arguments_while_the_peers_run_it(llama, tail)
         assert torch.equal(split.generate(ids(), **GREEDY), local.generate(ids(), **GREEDY))
         (state,) = router._states.values()
         assert len(state.steps) == len(passed) == GREEDY["max_new_tokens"]
+        # the prefill and the first decode step are encoded in full, every later request is refilled (and so is
+        # every later collected reply, with tail delivery): the peers' steady hits above show the bytes are the same
+        steps = len(passed)
+        assert (state.requests.hits, state.replies.hits) == (steps - 2, steps - 2 if tail else 0)
         for step, (hidden, cos) in zip(state.steps, passed):
             assert step.unkept is None and step.calls is not None
             assert step.inputs[0] is not hidden and torch.equal(step.inputs[0], hidden)
