@@ -562,7 +562,8 @@ class SwarmRouter:
         if shape is None:
             data = encode_message(build())
         else:
-            key = (shape, tuple((s.hop.peer_id, s.hop.start, s.hop.end, s.session_id, s.key) for s in hops), tail,
+            key = (shape, tuple(dedupe_calls(layer_calls)[1]),  # which layers share an argument row: by identity
+                   tuple((s.hop.peer_id, s.hop.start, s.hop.end, s.session_id, s.key) for s in hops), tail,
                    attn_implementation, session.max_length, session.cache_class, self.policy.hop_timeout_s)
             data = state.requests.encode(key, tensors, t, build)
         if len(data) > PUSH_MAX_BYTES:

@@ -167,6 +167,28 @@ def test_a_pushed_step_is_one_client_call_and_gives_the_same_tokens(llama, push,
 
 
 @pytest.mark.parametrize("tail", [False, True], ids=["nested", "tail"])
+def test_a_refilled_request_is_the_bytes_the_full_build_gives(llama, tail, monkeypatch):
+    """The router's refilled decode-step requests (`swarm.wire.RepeatEncoder`) against what building and encoding
+    each of them in full gives, step by step in a real generation: byte for byte."""
+    from swarm.wire import RepeatEncoder
+
+    path, local = llama
+    split, peers, transport, _, router = make_split(path, [(0, 2), (2, 4), (4, 6)], tail=tail)
+    encode, compared = RepeatEncoder.encode, []
+
+    def checked(self, key, tensors, last_int, build):
+        hits = self.hits
+        data = encode(self, key, tensors, last_int, build)
+        if self.hits > hits:
+            compared.append(data == encode_message(build()))
+        return data
+
+    monkeypatch.setattr(RepeatEncoder, "encode", checked)
+    assert torch.equal(split.generate(ids(), **GREEDY), local.generate(ids(), **GREEDY))
+    assert compared == [True] * (GREEDY["max_new_tokens"] - 2)
+
+
+@pytest.mark.parametrize("tail", [False, True], ids=["nested", "tail"])
 def test_a_step_copies_the_callers_arguments_while_the_peers_run_it(llama, tail):
     """The replay history's copies of a step's input and arguments (`_Step.keep`) are made once the pushed step is
     sent, before its reply is read (with tail delivery: off the token's path), and by the time the step returns
