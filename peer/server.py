@@ -44,7 +44,7 @@ from swarm.wire import encode_message
 logger = logging.getLogger(__name__)
 
 # how long the last hop of a pushed step holds the chain's DELIVERED answer (tail delivery): measured on 2 cores,
-# about 2-3% of a small model's token (benchmarks/ab.py, docs/performance.md)
+# 1.5% and 4% of a small model's token in the two orders of a paired run (benchmarks/ab.py, docs/performance.md)
 DELIVERED_DELAY_S = 0.0005
 
 

@@ -1064,6 +1064,17 @@ def skeleton(obj: Any, tensors: list[torch.Tensor], seen: dict[int, int] | None 
     return None
 
 
+@dataclass(frozen=True)
+class _Learnt:
+    """What `RepeatEncoder` learnt from a full encoding."""
+
+    key: Any  # the caller's description of the step it was built from
+    specs: tuple[tuple[torch.dtype, torch.Size], ...]  # each given tensor's dtype and shape
+    tensor_part: bytes  # the message up to its metadata field
+    slots: tuple[tuple[int, int, int], ...]  # (index into the given tensors, buffer offset in tensor_part, bytes)
+    metadata_head: bytes  # the metadata without its last value
+
+
 class RepeatEncoder:
     """`encode_message` for a stream of structures that repeat one shape: a session's decode-step requests.
 
@@ -1082,20 +1093,19 @@ class RepeatEncoder:
     def __init__(self, last_key: str = "step", limits: Limits = DEFAULT_LIMITS):
         self.last_key = last_key
         self.limits = limits
-        self._learnt: tuple | None = None  # (key, tensor specs, tensor part, [(proto index, buffer offset, bytes)], metadata prefix)
+        self._learnt: _Learnt | None = None
         self.hits = 0
 
     def encode(self, key: Any, tensors: Sequence[torch.Tensor], last_int: int, build: Callable[[], Any]) -> bytes:
         learnt = self._learnt
-        if learnt is not None and learnt[0] == key and len(tensors) == len(learnt[1]):
-            specs = learnt[1]
+        if learnt is not None and learnt.key == key and len(tensors) == len(learnt.specs):
             if all(t.dtype == d and t.shape == s and t.is_contiguous() and t.device.type == "cpu" and not t.requires_grad
-                   and not t.is_neg() for t, (d, s) in zip(tensors, specs)):
-                part = bytearray(learnt[2])
+                   and not t.is_neg() for t, (d, s) in zip(tensors, learnt.specs)):
+                part = bytearray(learnt.tensor_part)
                 base = ctypes.addressof(ctypes.c_char.from_buffer(part))
-                for j, at, size in learnt[3]:
+                for j, at, size in learnt.slots:
                     ctypes.memmove(base + at, tensors[j].data_ptr(), size)
-                metadata = learnt[4] + msgpack.packb(last_int)
+                metadata = learnt.metadata_head + msgpack.packb(last_int)
                 self.hits += 1
                 return bytes(part) + bytes((METADATA_TAG,)) + varint(len(metadata)) + metadata
         tree = build()
@@ -1105,7 +1115,7 @@ class RepeatEncoder:
         return data
 
     def _learn(self, key: Any, tensors: Sequence[torch.Tensor], last_int: int, tree: Any, data: bytes,
-               indices: dict[int, int]) -> tuple | None:
+               indices: dict[int, int]) -> _Learnt | None:
         if (type(tree) is not dict or not tree or next(reversed(tree)) != self.last_key or type(last_int) is not int
                 or type(tree[self.last_key]) is not int or tree[self.last_key] != last_int):
             return None
@@ -1135,5 +1145,5 @@ class RepeatEncoder:
         for j, at, size in slots:  # the proto's bytes must be the tensor's own (not converted, not compressed)
             if data[at:at + size] != ctypes.string_at(tensors[j].data_ptr(), size):
                 return None
-        specs = [(t.dtype, t.shape) for t in tensors]
-        return key, specs, data[:fields_[-1][1]], slots, metadata[: len(metadata) - len(tail)]
+        specs = tuple((t.dtype, t.shape) for t in tensors)
+        return _Learnt(key, specs, data[:fields_[-1][1]], tuple(slots), metadata[: len(metadata) - len(tail)])
