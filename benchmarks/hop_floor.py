@@ -18,8 +18,16 @@ least-squares slope of its TPOTs over the peer counts, and the figure printed is
 ~2-3 ms of its own there (`hop_trace.py`, "client, from a reply to the next send"), and how long each process
 waits changes how cold it runs. The relays are not the product: they trust their input and serve one client.
 
+`--generate` measures the floor on `generate.py`'s own terms: the client runs transformers' `generate()` (greedy,
+`generate.py`'s 16-token prompt, TPOT = (full - TTFT) / (N - 1)) on the model with its layers replaced by stubs,
+the last of which sends the hidden state to the chain and returns what comes back (the first `N - 1` pass it on),
+and the local baseline is the same `generate()` on the whole model (linear layers on the kernels `speed_up_linears`
+picks, in the relays too, as `generate.py`'s baseline and peers have them). That is what the swarm's client does, without
+its codec, sessions, checks or fault tolerance: whatever the swarm measures above this floor is its own software.
+
     python benchmarks/hop_floor.py                      # floor: extra hop, and 2 relays against local
     python benchmarks/hop_floor.py --client-pause-ms 2
+    python benchmarks/hop_floor.py --generate           # the same chains under generate(), as generate.py measures
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.generate import MODELS, even_ranges  # noqa: E402
 
 POSITION = struct.Struct("<I")
+HEADER = struct.Struct("<II")  # --generate frames: position of the first token, number of tokens
 
 
 def small_model():
@@ -110,16 +119,52 @@ def relay(start: int, end: int, next_port: int) -> None:
             outbound.sendall(data[:POSITION.size] + h.numpy().tobytes() + data[POSITION.size + 4 * hidden:])
 
 
+def generate_relay(start: int, end: int, next_port: int) -> None:
+    """A `--generate` relay: like `relay`, but frames carry a header and any number of tokens (the prefill too)."""
+    from transformers.cache_utils import DynamicCache
+
+    from swarm.fast_linear import speed_up_linears
+
+    torch.set_num_threads(1)
+    model = small_model()
+    layers, config = model.model.layers[start:end], model.config
+    speed_up_linears(layers)  # the peers' default kernel choice (`--linear-kernel auto`)
+    hidden, half = config.hidden_size, config.hidden_size // config.num_attention_heads
+    server = listener()
+    print(server.getsockname()[1], flush=True)
+    inbound, _ = server.accept()
+    outbound = connect(next_port)
+    cache = DynamicCache(config=config)
+    with torch.inference_mode():
+        while (header := read_exactly(inbound, HEADER.size)) is not None:
+            position, seq = HEADER.unpack(header)
+            data = read_exactly(inbound, 4 * seq * (hidden + 2 * half))
+            if data is None:
+                return
+            if position == 0:
+                cache = DynamicCache(config=config)
+            values = torch.frombuffer(data, dtype=torch.float32)
+            h = values[:seq * hidden].view(1, seq, hidden)
+            cos = values[seq * hidden:seq * (hidden + half)].view(1, seq, half)
+            sin = values[seq * (hidden + half):].view(1, seq, half)
+            position_ids = torch.arange(position, position + seq).unsqueeze(0)
+            for layer in layers:
+                h = layer(h, attention_mask=None, position_embeddings=(cos, sin), position_ids=position_ids,
+                          cache=cache, use_cache=True)
+            outbound.sendall(header + h.numpy().tobytes() + data[4 * seq * hidden:])
+
+
 class Chain:
     """`k` relays in a row; the client sends to the first and reads from the last."""
 
-    def __init__(self, k: int, num_layers: int):
+    def __init__(self, k: int, num_layers: int, generate: bool = False):
         self.k = k
         back = listener()
         self.procs, port = [], back.getsockname()[1]
         for blocks in reversed(even_ranges(num_layers, k)):  # the last first: each relay's next is listening
             start, end = blocks.split(":")
-            proc = subprocess.Popen([sys.executable, __file__, "--relay", start, end, str(port)],
+            proc = subprocess.Popen([sys.executable, __file__, "--generate-relay" if generate else "--relay", start, end,
+                                     str(port)],
                                     stdout=subprocess.PIPE, text=True)
             self.procs.append(proc)
             port = int(proc.stdout.readline())
@@ -171,6 +216,91 @@ def decode(model, tokens: int, pause_s: float, chain: Chain | None) -> tuple[flo
     return statistics.median(times[4:]), out
 
 
+class StubLayer(torch.nn.Module):
+    """Stands in for decoder layer `index` under `generate()`: the last one sends the step to the chain."""
+
+    def __init__(self, index: int, num_layers: int, chains: dict, config):
+        super().__init__()
+        self.index, self.last, self.chains, self.config = index, index == num_layers - 1, chains, config
+        self.attention_type = "full_attention"
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, position_embeddings=None,
+                **kwargs):
+        from swarm.remote import advance_length_only
+
+        if cache is None:
+            raise RuntimeError("the model's layers got no cache: this transformers passes it under another name")
+        advance_length_only(cache, self.index, hidden_states, {})  # the client's cache lengths, as the swarm's client keeps them
+        if not self.last:
+            return hidden_states
+        chain = self.chains["current"]
+        cos, sin = position_embeddings
+        seq = hidden_states.shape[1]
+        chain.send.sendall(HEADER.pack(int(position_ids[0, 0]), seq) + hidden_states.numpy().tobytes()
+                           + cos.numpy().tobytes() + sin.numpy().tobytes())
+        size = HEADER.size + 4 * seq * (self.config.hidden_size + 2 * cos.shape[-1])
+        data = read_exactly(chain.recv, size)
+        if data is None:
+            raise RuntimeError(f"a relay of the {chain.k}-relay chain exited")
+        out = torch.frombuffer(data, dtype=torch.float32, offset=HEADER.size)[:hidden_states.numel()]
+        return out.view(hidden_states.shape).clone()
+
+
+def generate_main(args) -> None:
+    """`--generate`: local `generate()` against the same `generate()` over stub layers and bare relays."""
+    from benchmarks.generate import measure_rounds, paired
+    from swarm.fast_linear import speed_up_linears
+
+    torch.set_num_threads(1)
+    local, client = small_model(), small_model()
+    speed_up_linears(local)  # as generate.py's local baseline and the swarm's client (`ClientConfig.linear_kernel`)
+    speed_up_linears(client)
+    num_layers = client.config.num_hidden_layers
+    current: dict = {}
+    client.model.layers = torch.nn.ModuleList(StubLayer(i, num_layers, current, client.config) for i in range(num_layers))
+    prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    gen = dict(do_sample=False, pad_token_id=0, max_new_tokens=args.tokens)
+    chains = {}
+    try:
+        for k in args.peers:
+            chains[k] = Chain(k, num_layers, generate=True)
+        reference = local.generate(prompt, **gen)
+        models = {"local": local}
+        for k, chain in chains.items():
+            models[k] = ChainModel(client, chain, current)
+            if not torch.equal(models[k].generate(prompt, **gen), reference):
+                raise SystemExit(f"the {k}-relay chain's greedy tokens differ from the local model's")
+        samples = measure_rounds(models, prompt, args.tokens, args.rounds)
+    finally:
+        for chain in chains.values():
+            chain.close()
+    tpots = {k: [tpot for _, tpot in samples[k]] for k in models}
+    hops = [slope([(k, tpots[k][r] * 1e3) for k in chains]) for r in range(args.rounds)]
+    print(f"small model, bare relays under generate(), {args.rounds} rounds of {args.tokens} tokens")
+    print(f"  local: {statistics.median(tpots['local']) * 1e3:.2f} ms per token")
+    ratios = {}
+    for k in chains:
+        ratios[k] = paired(samples, k)[3]
+        print(f"  {k} relay{'s' * (k > 1)}: {statistics.median(tpots[k]) * 1e3:.2f} ms per token, {ratios[k]:.2f}x local")
+    print(f"extra hop, bare relays under generate(): {statistics.median(hops):+.2f} ms per token (median of the "
+          f"per-round slopes over {args.peers} relays)")
+    print(json.dumps({"benchmark": "hop_floor", "generate": True, "rounds": args.rounds,
+                      "tpot_ms": {str(k): round(statistics.median(v) * 1e3, 3) for k, v in tpots.items()},
+                      "tpot_ratio": {str(k): round(v, 3) for k, v in ratios.items()},
+                      "extra_hop_ms": round(statistics.median(hops), 3)}))
+
+
+class ChainModel:
+    """The stub-layer client bound to one chain: what `measure_rounds` calls `generate` on."""
+
+    def __init__(self, client, chain: Chain, current: dict):
+        self.client, self.chain, self.current = client, chain, current
+
+    def generate(self, *args, **kwargs):
+        self.current["current"] = self.chain
+        return self.client.generate(*args, **kwargs)
+
+
 def slope(points: list[tuple[int, float]]) -> float:
     mean_k = sum(k for k, _ in points) / len(points)
     mean_t = sum(t for _, t in points) / len(points)
@@ -183,13 +313,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--client-pause-ms", type=float, default=0.0)
+    parser.add_argument("--generate", action="store_true",
+                        help="the client runs transformers' generate() over stub layers, as the swarm's client does")
     parser.add_argument("--relay", nargs=3, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--generate-relay", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.relay:
         relay(*args.relay)
         return
+    if args.generate_relay:
+        generate_relay(*args.generate_relay)
+        return
     if len(set(args.peers)) < 2:
         parser.error("--peers needs at least two different counts for a slope")
+    if args.generate:
+        generate_main(args)
+        return
     torch.set_num_threads(1)
     model = small_model()
     pause = args.client_pause_ms / 1e3

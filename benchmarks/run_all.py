@@ -14,6 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
     ("generate.py", ["--compare-push"]),  # TTFT / TPOT, swarm with 1-3 peers (push and not) vs local
+    ("hop_floor.py", ["--generate"]),  # the same TPOT through bare relays: what this machine allows at best
     ("pipeline.py", []),  # micro-batch pipelining vs the same route without
     ("sessions.py", []),  # 8 concurrent sessions vs one (peers merge their decode steps)
     ("sessions.py", ["--mixed-lengths"]),  # the same, prompts of different lengths (merged padded)
@@ -40,6 +41,11 @@ def headlines(results: list[dict]) -> list[tuple[str, str, str]]:
             out.append(("medium time to first token, 2 peers vs local", f"{row['ttft_ratio']:.2f}x", "<= 1.15x"))
         for key, ms in gen.get("extra_hop_ms", {}).items():
             out.append((f"extra hop per token, {key}", f"{ms:.2f} ms", "<= 1.0 ms"))
+    floor = next((r for r in results if r.get("benchmark") == "hop_floor" and r.get("generate")), None)
+    if floor:
+        if "2" in floor["tpot_ratio"]:
+            out.append(("  floor: small, 2 bare relays under generate() vs local", f"{floor['tpot_ratio']['2']:.2f}x", "-"))
+        out.append(("  floor: extra hop per token, bare relays", f"{floor['extra_hop_ms']:.2f} ms", "-"))
     pipe = by_name.get("pipeline")
     if pipe:
         out.append(("forward 8x128, pipelined vs the same route without", f"{pipe['speedup']:.2f}x", ">= 1.6x"))
