@@ -24,10 +24,13 @@ the last of which sends the hidden state to the chain and returns what comes bac
 and the local baseline is the same `generate()` on the whole model (linear layers on the kernels `speed_up_linears`
 picks, in the relays too, as `generate.py`'s baseline and peers have them). That is what the swarm's client does, without
 its codec, sessions, checks or fault tolerance: whatever the swarm measures above this floor is its own software.
+`--swarm` also starts the real swarm of each split (`swarm run-peer` processes, as `generate.py` does) and measures
+it in the same rounds: its ratio to the floor is the swarm's own cost, with this machine's drift taken out.
 
     python benchmarks/hop_floor.py                      # floor: extra hop, and 2 relays against local
     python benchmarks/hop_floor.py --client-pause-ms 2
     python benchmarks/hop_floor.py --generate           # the same chains under generate(), as generate.py measures
+    python benchmarks/hop_floor.py --generate --swarm   # ... and the swarm of each split, in the same rounds
 """
 
 from __future__ import annotations
@@ -247,8 +250,12 @@ class StubLayer(torch.nn.Module):
 
 
 def generate_main(args) -> None:
-    """`--generate`: local `generate()` against the same `generate()` over stub layers and bare relays."""
-    from benchmarks.generate import measure_rounds, paired
+    """`--generate`: local `generate()` against the same `generate()` over stub layers and bare relays (and, with
+    `--swarm`, over the real swarm of the same split), all in the same rounds."""
+    import contextlib
+    import tempfile
+
+    from benchmarks.generate import build, measure_rounds, paired
     from swarm.fast_linear import speed_up_linears
 
     torch.set_num_threads(1)
@@ -260,34 +267,61 @@ def generate_main(args) -> None:
     client.model.layers = torch.nn.ModuleList(StubLayer(i, num_layers, current, client.config) for i in range(num_layers))
     prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     gen = dict(do_sample=False, pad_token_id=0, max_new_tokens=args.tokens)
-    chains = {}
-    try:
+    chains, swarms = {}, {}
+    with contextlib.ExitStack() as stack:
         for k in args.peers:
             chains[k] = Chain(k, num_layers, generate=True)
+            stack.callback(chains[k].close)
+        if args.swarm:
+            swarms = start_swarms(stack, args.peers, build("small", Path(stack.enter_context(tempfile.TemporaryDirectory()))))
         reference = local.generate(prompt, **gen)
         models = {"local": local}
         for k, chain in chains.items():
             models[k] = ChainModel(client, chain, current)
-            if not torch.equal(models[k].generate(prompt, **gen), reference):
-                raise SystemExit(f"the {k}-relay chain's greedy tokens differ from the local model's")
+        for k, swarm in swarms.items():
+            models[f"swarm {k}"] = swarm
+        for label, model in models.items():
+            if label != "local" and not torch.equal(model.generate(prompt, **gen), reference):
+                raise SystemExit(f"{label!r}: greedy tokens differ from the local model's")
         samples = measure_rounds(models, prompt, args.tokens, args.rounds)
-    finally:
-        for chain in chains.values():
-            chain.close()
     tpots = {k: [tpot for _, tpot in samples[k]] for k in models}
     hops = [slope([(k, tpots[k][r] * 1e3) for k in chains]) for r in range(args.rounds)]
     print(f"small model, bare relays under generate(), {args.rounds} rounds of {args.tokens} tokens")
     print(f"  local: {statistics.median(tpots['local']) * 1e3:.2f} ms per token")
-    ratios = {}
+    ratios, over_floor = {}, {}
     for k in chains:
         ratios[k] = paired(samples, k)[3]
         print(f"  {k} relay{'s' * (k > 1)}: {statistics.median(tpots[k]) * 1e3:.2f} ms per token, {ratios[k]:.2f}x local")
+    for k in swarms:
+        label = f"swarm {k}"
+        ratios[label] = paired(samples, label)[3]
+        over_floor[k] = paired(samples, label, base=k)[3]
+        print(f"  the swarm, {k} peer{'s' * (k > 1)}: {statistics.median(tpots[label]) * 1e3:.2f} ms per token, "
+              f"{ratios[label]:.2f}x local, {over_floor[k]:.2f}x the {k}-relay floor")
     print(f"extra hop, bare relays under generate(): {statistics.median(hops):+.2f} ms per token (median of the "
           f"per-round slopes over {args.peers} relays)")
     print(json.dumps({"benchmark": "hop_floor", "generate": True, "rounds": args.rounds,
                       "tpot_ms": {str(k): round(statistics.median(v) * 1e3, 3) for k, v in tpots.items()},
                       "tpot_ratio": {str(k): round(v, 3) for k, v in ratios.items()},
+                      "swarm_over_floor": {str(k): round(v, 3) for k, v in over_floor.items()},
                       "extra_hop_ms": round(statistics.median(hops), 3)}))
+
+
+def start_swarms(stack: "contextlib.ExitStack", peer_counts: list[int], path: Path) -> dict:
+    """A real swarm per peer count (its own DHT and `swarm run-peer` processes, one torch thread each, the blocks split
+    as the relays split them) and a client of each: generate.py's setup, on the same checkpoint."""
+    from swarm import AutoDistributedModelForCausalLM, ClientConfig
+    from tests.processes import SwarmProcesses
+
+    clients = {}
+    for k in peer_counts:
+        procs = stack.enter_context(SwarmProcesses())
+        dht = procs.start_dht()
+        for proc in [procs.start_peer(path, dht, r, "--num-threads", "1", wait=False) for r in even_ranges(MODELS["small"]["num_hidden_layers"], k)]:
+            procs.wait_ready(proc)
+        clients[k] = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[dht], client_config=ClientConfig())
+        stack.callback(clients[k].swarm_connection.close)
+    return clients
 
 
 class ChainModel:
@@ -315,6 +349,8 @@ def main() -> None:
     parser.add_argument("--client-pause-ms", type=float, default=0.0)
     parser.add_argument("--generate", action="store_true",
                         help="the client runs transformers' generate() over stub layers, as the swarm's client does")
+    parser.add_argument("--swarm", action="store_true",
+                        help="with --generate: the real swarm of each peer count too, in the same rounds")
     parser.add_argument("--relay", nargs=3, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--generate-relay", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -14,7 +14,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
     ("generate.py", ["--compare-push"]),  # TTFT / TPOT, swarm with 1-3 peers (push and not) vs local
-    ("hop_floor.py", ["--generate"]),  # the same TPOT through bare relays: what this machine allows at best
+    # the same TPOT through bare relays, what this machine allows at best, and the swarm in the same rounds
+    ("hop_floor.py", ["--generate", "--swarm", "--peers", "1", "2"]),
     ("pipeline.py", []),  # micro-batch pipelining vs the same route without
     ("sessions.py", []),  # 8 concurrent sessions vs one (peers merge their decode steps)
     ("sessions.py", ["--mixed-lengths"]),  # the same, prompts of different lengths (merged padded)
@@ -45,6 +46,8 @@ def headlines(results: list[dict]) -> list[tuple[str, str, str]]:
     if floor:
         if "2" in floor["tpot_ratio"]:
             out.append(("  floor: small, 2 bare relays under generate() vs local", f"{floor['tpot_ratio']['2']:.2f}x", "-"))
+        if "2" in floor.get("swarm_over_floor", {}):
+            out.append(("  small, 2 peers vs that floor, in the same rounds", f"{floor['swarm_over_floor']['2']:.2f}x", "-"))
         out.append(("  floor: extra hop per token, bare relays", f"{floor['extra_hop_ms']:.2f} ms", "-"))
     pipe = by_name.get("pipeline")
     if pipe:

@@ -33,7 +33,8 @@ def test_make_bench_summary_reads_every_benchmarks_line():
         {"benchmark": "sessions", "sessions": 8, "ratio": 2.614, "mixed_lengths": True},
         {"benchmark": "wire_size", "decode 2x1": 1.2765},
         {"benchmark": "peer_memory", "ratio": 1.011},
-        {"benchmark": "hop_floor", "generate": True, "tpot_ratio": {"1": 1.12, "2": 1.494}, "extra_hop_ms": 0.43},
+        {"benchmark": "hop_floor", "generate": True, "tpot_ratio": {"1": 1.12, "2": 1.494}, "extra_hop_ms": 0.43,
+         "swarm_over_floor": {"1": 1.4, "2": 1.587}},
     ]
     table = {figure: (value, target) for figure, value, target in headlines(rows)}
     assert table["medium decode time per token, 2 peers vs local"] == ("1.08x", "<= 1.10x")
@@ -47,6 +48,7 @@ def test_make_bench_summary_reads_every_benchmarks_line():
     assert table["peer's peak memory added / its blocks' bytes"] == ("1.01x", "<= 1.3x")
     assert table["  floor: small, 2 bare relays under generate() vs local"] == ("1.49x", "-")
     assert table["  floor: extra hop per token, bare relays"] == ("0.43 ms", "-")
+    assert table["  small, 2 peers vs that floor, in the same rounds"] == ("1.59x", "-")
 
 
 def test_hop_trace_still_finds_every_stage_of_a_pushed_step():
@@ -103,11 +105,13 @@ def test_hop_floor_runs_its_relays_and_checks_their_tokens():
 
 
 def test_hop_floor_under_generate_matches_the_local_model():
-    """`hop_floor.py --generate`: transformers' generate() over stub layers and bare relays must give the local
-    model's greedy tokens (the prefill travels through the relays too; it exits with an error otherwise)."""
-    result = subprocess.run([sys.executable, "benchmarks/hop_floor.py", "--generate", "--peers", "1", "2", "--rounds",
-                             "2", "--tokens", "6"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """`hop_floor.py --generate --swarm` (as `make bench` runs it): transformers' generate() over stub layers and bare
+    relays, and over the real swarm of the same split, must each give the local model's greedy tokens (the prefill
+    travels through the relays too; it exits with an error otherwise)."""
+    result = subprocess.run([sys.executable, "benchmarks/hop_floor.py", "--generate", "--swarm", "--peers", "1", "2",
+                             "--rounds", "2", "--tokens", "6"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["benchmark"] == "hop_floor" and summary["generate"] is True
-    assert set(summary["tpot_ms"]) == {"local", "1", "2"} and all(ms > 0 for ms in summary["tpot_ms"].values())
+    assert set(summary["tpot_ms"]) == {"local", "1", "2", "swarm 1", "swarm 2"}
+    assert all(ms > 0 for ms in summary["tpot_ms"].values()) and set(summary["swarm_over_floor"]) == {"1", "2"}
