@@ -93,19 +93,30 @@ def connect(port: int) -> socket.socket:
     return sock
 
 
+def relay_ends(start: int, end: int, next_port: int, fast_linears: bool):
+    """A relay's blocks [start, end) and its two sockets: in on its own port (printed, then accepted), out to
+    `next_port`. `fast_linears`: on the kernels `speed_up_linears` picks, as the peers' default (`--linear-kernel
+    auto`)."""
+    torch.set_num_threads(1)
+    model = small_model()
+    layers, config = model.model.layers[start:end], model.config
+    if fast_linears:
+        from swarm.fast_linear import speed_up_linears
+
+        speed_up_linears(layers)
+    server = listener()
+    print(server.getsockname()[1], flush=True)
+    inbound, _ = server.accept()
+    return layers, config, inbound, connect(next_port)
+
+
 def relay(start: int, end: int, next_port: int) -> None:
     """One relay: blocks [start, end), frames in on its own port (printed), out to `next_port`."""
     from transformers.cache_utils import DynamicCache
 
-    torch.set_num_threads(1)
-    model = small_model()
-    layers, config = model.model.layers[start:end], model.config
+    layers, config, inbound, outbound = relay_ends(start, end, next_port, fast_linears=False)
     hidden, half = config.hidden_size, config.hidden_size // config.num_attention_heads
     size = frame_bytes(config)
-    server = listener()
-    print(server.getsockname()[1], flush=True)
-    inbound, _ = server.accept()
-    outbound = connect(next_port)
     cache = DynamicCache(config=config)
     with torch.inference_mode():
         while (data := read_exactly(inbound, size)) is not None:
@@ -126,17 +137,8 @@ def generate_relay(start: int, end: int, next_port: int) -> None:
     """A `--generate` relay: like `relay`, but frames carry a header and any number of tokens (the prefill too)."""
     from transformers.cache_utils import DynamicCache
 
-    from swarm.fast_linear import speed_up_linears
-
-    torch.set_num_threads(1)
-    model = small_model()
-    layers, config = model.model.layers[start:end], model.config
-    speed_up_linears(layers)  # the peers' default kernel choice (`--linear-kernel auto`)
+    layers, config, inbound, outbound = relay_ends(start, end, next_port, fast_linears=True)
     hidden, half = config.hidden_size, config.hidden_size // config.num_attention_heads
-    server = listener()
-    print(server.getsockname()[1], flush=True)
-    inbound, _ = server.accept()
-    outbound = connect(next_port)
     cache = DynamicCache(config=config)
     with torch.inference_mode():
         while (header := read_exactly(inbound, HEADER.size)) is not None:
