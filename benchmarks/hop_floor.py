@@ -36,6 +36,7 @@ it in the same rounds: its ratio to the floor is the swarm's own cost, with this
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import statistics
@@ -222,12 +223,12 @@ def decode(model, tokens: int, pause_s: float, chain: Chain | None) -> tuple[flo
 
 
 class StubLayer(torch.nn.Module):
-    """Stands in for decoder layer `index` under `generate()`: the last one sends the step to the chain."""
+    """Stands in for decoder layer `index` under `generate()`: the last one sends the step to its `chain`."""
 
-    def __init__(self, index: int, num_layers: int, chains: dict, config):
+    def __init__(self, index: int, last: bool, hidden_size: int):
         super().__init__()
-        self.index, self.last, self.chains, self.config = index, index == num_layers - 1, chains, config
-        self.attention_type = "full_attention"
+        self.index, self.last, self.hidden_size = index, last, hidden_size
+        self.chain: Chain | None = None  # the last stub's, set by `ChainModel` before each generation
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, position_embeddings=None,
                 **kwargs):
@@ -238,13 +239,12 @@ class StubLayer(torch.nn.Module):
         advance_length_only(cache, self.index, hidden_states, {})  # the client's cache lengths, as the swarm's client keeps them
         if not self.last:
             return hidden_states
-        chain = self.chains["current"]
+        chain = self.chain
         cos, sin = position_embeddings
         seq = hidden_states.shape[1]
         chain.send.sendall(HEADER.pack(int(position_ids[0, 0]), seq) + hidden_states.numpy().tobytes()
                            + cos.numpy().tobytes() + sin.numpy().tobytes())
-        size = HEADER.size + 4 * seq * (self.config.hidden_size + 2 * cos.shape[-1])
-        data = read_exactly(chain.recv, size)
+        data = read_exactly(chain.recv, HEADER.size + 4 * seq * (self.hidden_size + 2 * cos.shape[-1]))
         if data is None:
             raise RuntimeError(f"a relay of the {chain.k}-relay chain exited")
         out = torch.frombuffer(data, dtype=torch.float32, offset=HEADER.size)[:hidden_states.numel()]
@@ -254,7 +254,6 @@ class StubLayer(torch.nn.Module):
 def generate_main(args) -> None:
     """`--generate`: local `generate()` against the same `generate()` over stub layers and bare relays (and, with
     `--swarm`, over the real swarm of the same split), all in the same rounds."""
-    import contextlib
     import tempfile
 
     from benchmarks.generate import build, measure_rounds, paired
@@ -265,8 +264,8 @@ def generate_main(args) -> None:
     speed_up_linears(local)  # as generate.py's local baseline and the swarm's client (`ClientConfig.linear_kernel`)
     speed_up_linears(client)
     num_layers = client.config.num_hidden_layers
-    current: dict = {}
-    client.model.layers = torch.nn.ModuleList(StubLayer(i, num_layers, current, client.config) for i in range(num_layers))
+    client.model.layers = torch.nn.ModuleList(
+        StubLayer(i, i == num_layers - 1, client.config.hidden_size) for i in range(num_layers))
     prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     gen = dict(do_sample=False, pad_token_id=0, max_new_tokens=args.tokens)
     chains, swarms = {}, {}
@@ -279,7 +278,7 @@ def generate_main(args) -> None:
         reference = local.generate(prompt, **gen)
         models = {"local": local}
         for k, chain in chains.items():
-            models[k] = ChainModel(client, chain, current)
+            models[k] = ChainModel(client, chain)
         for k, swarm in swarms.items():
             models[f"swarm {k}"] = swarm
         for label, model in models.items():
@@ -309,7 +308,7 @@ def generate_main(args) -> None:
                       "extra_hop_ms": round(statistics.median(hops), 3)}))
 
 
-def start_swarms(stack: "contextlib.ExitStack", peer_counts: list[int], path: Path) -> dict:
+def start_swarms(stack: contextlib.ExitStack, peer_counts: list[int], path: Path) -> dict:
     """A real swarm per peer count (its own DHT and `swarm run-peer` processes, one torch thread each, the blocks split
     as the relays split them) and a client of each: generate.py's setup, on the same checkpoint."""
     from swarm import AutoDistributedModelForCausalLM, ClientConfig
@@ -319,7 +318,8 @@ def start_swarms(stack: "contextlib.ExitStack", peer_counts: list[int], path: Pa
     for k in peer_counts:
         procs = stack.enter_context(SwarmProcesses())
         dht = procs.start_dht()
-        for proc in [procs.start_peer(path, dht, r, "--num-threads", "1", wait=False) for r in even_ranges(MODELS["small"]["num_hidden_layers"], k)]:
+        ranges = even_ranges(MODELS["small"]["num_hidden_layers"], k)
+        for proc in [procs.start_peer(path, dht, r, "--num-threads", "1", wait=False) for r in ranges]:
             procs.wait_ready(proc)
         clients[k] = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[dht], client_config=ClientConfig())
         stack.callback(clients[k].swarm_connection.close)
@@ -329,11 +329,11 @@ def start_swarms(stack: "contextlib.ExitStack", peer_counts: list[int], path: Pa
 class ChainModel:
     """The stub-layer client bound to one chain: what `measure_rounds` calls `generate` on."""
 
-    def __init__(self, client, chain: Chain, current: dict):
-        self.client, self.chain, self.current = client, chain, current
+    def __init__(self, client, chain: Chain):
+        self.client, self.chain = client, chain
 
     def generate(self, *args, **kwargs):
-        self.current["current"] = self.chain
+        self.client.model.layers[-1].chain = self.chain
         return self.client.generate(*args, **kwargs)
 
 
