@@ -66,8 +66,12 @@ class ClientConfig:
     share_head: bool = True  # threads' concurrent sessions share one product of the output layer (swarm.shared_head)
     linear_kernel: str = "auto"  # the client's fp32 CPU linear layers (the output layer) over several rows: "auto":
     # oneDNN where measured faster at load (swarm.fast_linear), "torch": torch's own kernel
+    spin_wait_ms: float = 5.0  # a direct step's reply is waited for awake (a busy core) up to this long, while replies
+    # come that quickly (swarm.direct.SpinWait); 0: always sleep in the kernel
 
     def __post_init__(self) -> None:
+        if not self.spin_wait_ms >= 0:
+            raise ValueError(f"spin_wait_ms must be >= 0, got {self.spin_wait_ms!r}")
         wire_dtype(self.wire_dtype)  # a wrong name fails here, not at the first step
         if self.direct not in DIRECT_POLICIES:
             raise ValueError(f"direct must be one of {', '.join(DIRECT_POLICIES)}, got {self.direct!r}")
@@ -101,7 +105,7 @@ class P2PTransport:
         self.p2p, self.loop, self.config = p2p, loop, config
         self.stubs = Stubs(p2p)
         # steps go over direct connections from the calling thread itself (no event loop in between)
-        self.direct = BlockingDirectClient(self._direct_offer, policy=config.direct)
+        self.direct = BlockingDirectClient(self._direct_offer, policy=config.direct, spin_wait_s=config.spin_wait_ms / 1e3)
 
     def _direct_offer(self, peer_id: str) -> dict | None:
         try:

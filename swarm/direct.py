@@ -547,6 +547,49 @@ class DirectClient:
         self._conns.clear()
 
 
+class SpinWait:
+    """Waits for a reply awake, for a little while, before sleeping in the kernel.
+
+    Why: a client thread that sleeps while the chain runs (a few milliseconds for a small model on a fast network)
+    wakes up cold: its core went idle, possibly to another process or the hypervisor, and the model code it runs
+    next (head, sampling, embedding, the next step's request) runs slower for it. Polling the sockets instead keeps
+    that code warm: 3-5% of a small model's token on this 2-core machine, over three paired runs in both orders
+    (benchmarks/ab.py, docs/performance.md). The price is a busy core while waiting, so it is bounded three ways:
+    at most `max_s` per wait; only while replies come that quickly (a moving average of recent waits, measured
+    whether or not they were spun for, so a slow route stops spinning and a fast one starts again); and only while
+    no other thread of this client is waiting (concurrent sessions spinning would take the cores their peers need,
+    and a waiting thread gains nothing from another's spin). `max_s = 0` never spins (`ClientConfig.spin_wait_ms`).
+    """
+
+    def __init__(self, max_s: float):
+        self.max_s = max_s
+        self.typical_s: float | None = None  # moving average of recent waits for a reply
+        self.spun = 0  # waits that were spun for (rather than slept through from the start)
+        self._waiting = 0  # threads waiting for a reply now
+        self._lock = threading.Lock()
+
+    def begin(self, socks: list[socket.socket], remaining: float) -> None:
+        """A thread is about to block on `socks`: spin first, if it may, until one has data or the budget is spent.
+        Every `begin` needs its `end`."""
+        with self._lock:
+            self._waiting += 1
+            alone = self._waiting == 1
+        if not alone or self.max_s <= 0 or (self.typical_s is not None and self.typical_s > self.max_s):
+            return
+        self.spun += 1
+        until = time.perf_counter() + min(self.max_s, remaining)
+        while not select.select(socks, [], [], 0)[0] and time.perf_counter() < until:
+            pass
+
+    def end(self, waited_s: float | None = None) -> None:
+        """The blocking read is over; `waited_s`: how long after its request the awaited reply came, if it did."""
+        with self._lock:
+            self._waiting -= 1
+        if waited_s is not None:
+            typical = self.typical_s
+            self.typical_s = waited_s if typical is None else 0.8 * typical + 0.2 * waited_s
+
+
 class BlockingDirectClient:
     """Steps over direct connections from the calling thread itself, with blocking sockets: a client thread
     that waits for its step anyway needs no event loop in between. Through the event loop, a round trip
@@ -558,12 +601,14 @@ class BlockingDirectClient:
     or TimeoutError after `timeout`), like a call to an unreachable peer."""
 
     def __init__(self, get_offer: Callable[[str], dict | None], policy: str = "private",
-                 connect_timeout_s: float = 2.0, retry_s: float = 60.0, max_reply_bytes: int = 1024**3):
+                 connect_timeout_s: float = 2.0, retry_s: float = 60.0, max_reply_bytes: int = 1024**3,
+                 spin_wait_s: float = 0.0):
         if policy not in POLICIES:
             raise ValueError(f"direct policy must be one of {POLICIES}, got {policy!r}")
         self.get_offer, self.policy = get_offer, policy
         self.connect_timeout_s, self.retry_s, self.max_reply_bytes = connect_timeout_s, retry_s, max_reply_bytes
         self.steps = 0  # steps that went over a direct connection
+        self.spin = SpinWait(spin_wait_s)  # replies that come quickly are waited for awake
         self._local = threading.local()  # .conns: peer id -> this thread's connection
         # every thread's, for close(); weak: a thread's connections close when the thread ends
         self._open: weakref.WeakSet[_BlockingConnection] = weakref.WeakSet()
@@ -604,7 +649,7 @@ class BlockingDirectClient:
         chain_id = a.send(STEP, request, timeout)
         tail_id = z.send(COLLECT, collect, timeout)
         self.steps += 1
-        return PushedStep(a, chain_id, z, tail_id, deadline)
+        return PushedStep(a, chain_id, z, tail_id, deadline, self.spin)
 
     def _connect(self, peer_id: str) -> "_BlockingConnection | None":
         offer = self.get_offer(peer_id)
@@ -614,7 +659,7 @@ class BlockingDirectClient:
             try:
                 sock = socket.create_connection((host, int(offer["port"])), timeout=self.connect_timeout_s)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn = _BlockingConnection(sock, self.max_reply_bytes)
+                conn = _BlockingConnection(sock, self.max_reply_bytes, self.spin)
                 sock.sendall(frame(HELLO, 0, offer["ticket"] + nonce))
                 length, kind, _ = FRAME.unpack(conn.read(FRAME.size))
                 payload = conn.read(min(length, 4096))
@@ -644,8 +689,9 @@ class BlockingDirectClient:
 class _BlockingConnection:
     """One direct connection, used by one thread at a time: send a step, read its reply."""
 
-    def __init__(self, sock: socket.socket, max_reply_bytes: int):
+    def __init__(self, sock: socket.socket, max_reply_bytes: int, spin: SpinWait | None = None):
         self.sock, self.max_reply_bytes = sock, max_reply_bytes
+        self.spin = spin if spin is not None else SpinWait(0.0)
         self.closed = False
         self.next_id = 1
 
@@ -661,8 +707,16 @@ class _BlockingConnection:
 
     def call(self, data: bytes, timeout: float) -> bytes:
         request_id = self.send(STEP, data, timeout)
+        sent = time.perf_counter()
         while True:
-            reply_id, payload = self.read_reply(timeout)
+            self.spin.begin([self.sock], timeout)
+            waited = None
+            try:
+                reply_id, payload = self.read_reply(timeout)
+                if reply_id == request_id:
+                    waited = time.perf_counter() - sent
+            finally:
+                self.spin.end(waited)
             if reply_id == request_id:  # replies to requests whose answer was not waited for are skipped
                 if EMULATED_LATENCY_S:
                     time.sleep(EMULATED_LATENCY_S)
@@ -719,10 +773,13 @@ class PushedStep:
     """A pushed step sent with tail delivery (`BlockingDirectClient.push`): the first peer's reply (the chain's
     answer) and the last peer's (the collected tail) come on two connections, whichever first."""
 
-    def __init__(self, chain: _BlockingConnection, chain_id: int, tail: _BlockingConnection, tail_id: int, deadline: float):
+    def __init__(self, chain: _BlockingConnection, chain_id: int, tail: _BlockingConnection, tail_id: int, deadline: float,
+                 spin: SpinWait | None = None):
         self._chain, self._tail = (chain, chain_id), (tail, tail_id)  # one connection when the first peer is the last
         self._got: dict[tuple, bytes] = {}
         self.deadline = deadline
+        self.spin = spin if spin is not None else SpinWait(0.0)
+        self._sent = time.perf_counter()
 
     def first(self, skip_chain: bytes | None = None) -> tuple[str, bytes]:
         """("tail", the collected reply) or ("chain", the first peer's reply), whichever comes first; a chain reply
@@ -750,12 +807,19 @@ class PushedStep:
             raise TimeoutError("no reply from the chain or its last peer in time")
         conns = [only[0]] if only is not None else list(dict.fromkeys((self._chain[0], self._tail[0])))
         conn = conns[0]
-        if len(conns) > 1:
-            ready = select.select([c.sock for c in conns], [], [], remaining)[0]
-            if not ready:
-                raise TimeoutError("no reply from the chain or its last peer in time")
-            conn = next(c for c in conns if c.sock is ready[0])
-        reply_id, payload = conn.read_reply(remaining)
-        for key in (self._chain, self._tail):
-            if key[0] is conn and key[1] == reply_id:
-                self._got[key] = payload
+        self.spin.begin([c.sock for c in conns], remaining)
+        waited = None
+        try:
+            if len(conns) > 1:
+                ready = select.select([c.sock for c in conns], [], [], remaining)[0]
+                if not ready:
+                    raise TimeoutError("no reply from the chain or its last peer in time")
+                conn = next(c for c in conns if c.sock is ready[0])
+            reply_id, payload = conn.read_reply(remaining)
+            for key in (self._chain, self._tail):
+                if key[0] is conn and key[1] == reply_id:
+                    if not self._got:  # the step's first reply: what the next steps will likely wait too
+                        waited = time.perf_counter() - self._sent
+                    self._got[key] = payload
+        finally:
+            self.spin.end(waited)

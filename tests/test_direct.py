@@ -291,6 +291,56 @@ def test_the_blocking_caller_keeps_one_connection_per_thread_and_falls_back_wher
         loop.close()
 
 
+def test_the_blocking_caller_waits_awake_only_for_quick_replies_and_only_alone():
+    """`SpinWait`: a reply is polled for (a busy thread, not a sleeping one) up to the budget, only while recent
+    replies came within it, and only while no other thread of the client waits; with a budget of 0, never."""
+    loop = BackgroundLoop()
+    server, _ = loop.run(start())
+    get_offer = lambda peer_id: server.issue("erin")  # noqa: E731
+    client, sleeper = BlockingDirectClient(get_offer, spin_wait_s=0.2), BlockingDirectClient(get_offer)
+    try:
+        def cpu_of(c, data: bytes) -> float:
+            t0 = time.thread_time()
+            assert c.step("peer-a", data, 10) == b"erin|" + data
+            return time.thread_time() - t0
+
+        cpu_of(client, b"warm"), cpu_of(sleeper, b"warm")
+        # a reply 0.1 s away: the spinning caller burns (most of) that on its core, the sleeping one nearly nothing
+        spun = client.spin.spun
+        assert cpu_of(client, b"sleep:0.1") > 0.03 and client.spin.spun == spun + 1
+        assert cpu_of(sleeper, b"sleep:0.1") < 0.02 and sleeper.spin.spun == 0
+        # replies slower than the budget: after a few, no more spinning; quick ones again: spinning again
+        for _ in range(8):
+            client.step("peer-a", b"sleep:0.4", 10)
+            if client.spin.typical_s > 0.2:
+                break
+        spun = client.spin.spun
+        assert cpu_of(client, b"sleep:0.1") < 0.02 and client.spin.spun == spun
+        for _ in range(20):
+            client.step("peer-a", b"quick", 10)
+            if client.spin.typical_s <= 0.2:
+                break
+        spun = client.spin.spun
+        client.step("peer-a", b"quick", 10)
+        assert client.spin.spun == spun + 1
+        # while one thread waits (here for 1 s), another's step is slept through, not spun for
+        slow = threading.Thread(target=client.step, args=("peer-a", b"sleep:1", 10))
+        slow.start()
+        wait_until(lambda: client.spin.spun == spun + 2, 5.0, 0.01, "the slow step spinning")
+        time.sleep(0.3)  # its spin budget spent: it sleeps in the kernel, and still counts as waiting
+        assert cpu_of(client, b"sleep:0.1") < 0.02 and client.spin.spun == spun + 2
+        slow.join(10)
+    finally:
+        client.close()
+        sleeper.close()
+        loop.close()
+
+
+def test_spin_wait_must_not_be_negative():
+    with pytest.raises(ValueError, match="spin_wait_ms"):
+        ClientConfig(spin_wait_ms=-1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # real processes
 
