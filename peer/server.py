@@ -43,9 +43,6 @@ from swarm.wire import encode_message
 
 logger = logging.getLogger(__name__)
 
-# how long the last hop of a pushed step holds the chain's DELIVERED answer (tail delivery): measured on 2 cores,
-# 1.5% and 4% of a small model's token in the two orders of a paired run (benchmarks/ab.py, docs/performance.md)
-DELIVERED_DELAY_S = 0.0005
 
 
 @dataclass
@@ -129,9 +126,10 @@ class PeerServer:
         reply = await self._compute.submit(data, owner)
         if isinstance(reply, Delivery):  # the last hop of a pushed step: its client collects the reply from here
             self.tails.put(reply)
-            # the chain's answer is read only if the tail does not come: sent at once, it would wake the peers before
-            # this one just as the client wakes for the reply, and on a machine of few cores they take turns
-            await asyncio.sleep(DELIVERED_DELAY_S)
+            # the chain's answer is read only if the tail does not come: it leaves a turn of the event loop after the
+            # client's reply, which `put` wrote. (This was a 0.5 ms hold; uvloop's timers count whole milliseconds, so
+            # it was this turn all along, and a real 1 ms hold measured the same: docs/performance.md.)
+            await asyncio.sleep(0)
             return DELIVERED
         if isinstance(reply, Forward):
             # a pushed step goes on to the next peer from here, on the event loop: the compute thread is free meanwhile
