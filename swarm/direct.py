@@ -28,6 +28,7 @@ import hmac
 import ipaddress
 import logging
 import contextlib
+import functools
 import os
 import select
 import socket
@@ -577,8 +578,16 @@ class SpinWait:
         if not alone or self.max_s <= 0 or (self.typical_s is not None and self.typical_s > self.max_s):
             return
         self.spun += 1
+        if hasattr(select, "poll"):  # select() fails on descriptors past 1024, which a big application may reach
+            poller = select.poll()
+            for sock in socks:
+                poller.register(sock, select.POLLIN)
+            ready = functools.partial(poller.poll, 0)
+        else:
+            def ready() -> list:
+                return select.select(socks, [], [], 0)[0]
         until = time.perf_counter() + min(self.max_s, remaining)
-        while not select.select(socks, [], [], 0)[0] and time.perf_counter() < until:
+        while not ready() and time.perf_counter() < until:
             pass
 
     def end(self, waited_s: float | None = None) -> None:
