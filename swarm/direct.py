@@ -554,8 +554,8 @@ class SpinWait:
     Why: a client thread that sleeps while the chain runs (a few milliseconds for a small model on a fast network)
     wakes up cold: its core went idle, possibly to another process or the hypervisor, and the model code it runs
     next (head, sampling, embedding, the next step's request) runs slower for it. Polling the sockets instead keeps
-    that code warm: 3-5% of a small model's token on this 2-core machine, over three paired runs in both orders
-    (benchmarks/ab.py, docs/performance.md). The price is a busy core while waiting, so it is bounded three ways:
+    that code warm: ~4-5% of a small model's token on this 2-core machine, the median of four paired runs in both
+    orders (benchmarks/ab.py, docs/performance.md). The price is a busy core while waiting, so it is bounded three ways:
     at most `max_s` per wait; only while replies come that quickly (a moving average of recent waits, measured
     whether or not they were spun for, so a slow route stops spinning and a fast one starts again); and only while
     no other thread of this client is waiting (concurrent sessions spinning would take the cores their peers need,
@@ -578,16 +578,19 @@ class SpinWait:
         if not alone or self.max_s <= 0 or (self.typical_s is not None and self.typical_s > self.max_s):
             return
         self.spun += 1
-        if hasattr(select, "poll"):  # select() fails on descriptors past 1024, which a big application may reach
-            poller = select.poll()
-            for sock in socks:
-                poller.register(sock, select.POLLIN)
-            ready = functools.partial(poller.poll, 0)
-        else:
-            def ready() -> list:
-                return select.select(socks, [], [], 0)[0]
-        until = time.perf_counter() + min(self.max_s, remaining)
-        while not ready() and time.perf_counter() < until:
+        try:
+            if hasattr(select, "poll"):  # select() fails on descriptors past 1024, which a big application may reach
+                poller = select.poll()
+                for sock in socks:
+                    poller.register(sock, select.POLLIN)
+                ready = functools.partial(poller.poll, 0)
+            else:
+                def ready() -> list:
+                    return select.select(socks, [], [], 0)[0]
+            until = time.perf_counter() + min(self.max_s, remaining)
+            while not ready() and time.perf_counter() < until:
+                pass
+        except (OSError, ValueError):  # a socket closed under us: the blocking read that follows says so
             pass
 
     def end(self, waited_s: float | None = None) -> None:
