@@ -44,7 +44,6 @@ from swarm.wire import encode_message
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class PeerConfig:
     """Everything `swarm run-peer` can set. Units in the comments."""

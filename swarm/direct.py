@@ -701,9 +701,8 @@ class BlockingDirectClient:
 class _BlockingConnection:
     """One direct connection, used by one thread at a time: send a step, read its reply."""
 
-    def __init__(self, sock: socket.socket, max_reply_bytes: int, spin: SpinWait | None = None):
-        self.sock, self.max_reply_bytes = sock, max_reply_bytes
-        self.spin = spin if spin is not None else SpinWait(0.0)
+    def __init__(self, sock: socket.socket, max_reply_bytes: int, spin: SpinWait):
+        self.sock, self.max_reply_bytes, self.spin = sock, max_reply_bytes, spin
         self.closed = False
         self.next_id = 1
 
@@ -786,11 +785,11 @@ class PushedStep:
     answer) and the last peer's (the collected tail) come on two connections, whichever first."""
 
     def __init__(self, chain: _BlockingConnection, chain_id: int, tail: _BlockingConnection, tail_id: int, deadline: float,
-                 spin: SpinWait | None = None):
+                 spin: SpinWait):
         self._chain, self._tail = (chain, chain_id), (tail, tail_id)  # one connection when the first peer is the last
         self._got: dict[tuple, bytes] = {}
         self.deadline = deadline
-        self.spin = spin if spin is not None else SpinWait(0.0)
+        self.spin = spin
         self._sent = time.perf_counter()
 
     def first(self, skip_chain: bytes | None = None) -> tuple[str, bytes]:
