@@ -355,7 +355,7 @@ def llama6(tmp_path_factory):
 
 
 def settled(read, counts, target: int, timeout: float = 5.0):
-    """`read()` once every one of `counts(*read())` has reached `target`, or the last reading after `timeout`.
+    """`read()`'s values once every count `counts(*values)` has reached `target`, or the last reading after `timeout`.
 
     A peer counts a step once its own handler returns, and in a pushed chain that is after the client
     already has the tail's reply (the first peer counts when the second's DELIVERED answer arrives), so a
@@ -390,12 +390,13 @@ def test_e2e_steps_go_direct_client_to_peer_and_peer_to_peer_with_libp2p_as_fall
             assert info(first)["direct_port"] and info(second)["direct_port"]
             assert torch.equal(direct.generate(PROMPT, **GREEDY), expected)
             # the client's 12 steps reached the first peer directly; it forwarded each directly to the second
-            a, b = settled(lambda: (info(first), info(second)), lambda a, b: (a["direct_steps"], a["forwarded"], b["direct_steps"]), 12)
+            a, b = settled(lambda: (info(first), info(second)),
+                           lambda a, b: (a["direct_steps"], a["forwarded"], b["direct_steps"]), 12)
             assert a["direct_steps"] == 12 and a["forwarded"] == 12 and b["direct_steps"] == 12
             assert direct.swarm_connection.transport.direct.steps == 12
 
             assert torch.equal(libp2p.generate(PROMPT, **GREEDY), expected)
-            a2, b2 = settled(lambda: (info(first), info(second)), lambda a, b: (b["direct_steps"] - 12,), 12)
+            a2, b2 = settled(lambda: (info(first), info(second)), lambda _, b2: (b2["direct_steps"],), b["direct_steps"] + 12)
             assert a2["direct_steps"] == a["direct_steps"]  # the client used libp2p...
             assert b2["direct_steps"] == b["direct_steps"] + 12  # ...the first peer still forwarded directly
             assert libp2p.swarm_connection.transport.direct.steps == 0
