@@ -232,11 +232,11 @@ class StubLayer(torch.nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, position_embeddings=None,
                 **kwargs):
-        from swarm.remote import advance_length_only
+        from swarm.remote import advance_lengths
 
         if cache is None:
             raise RuntimeError("the model's layers got no cache: this transformers passes it under another name")
-        advance_length_only(cache, self.index, hidden_states, {})  # the client's cache lengths, as the swarm's client keeps them
+        advance_lengths([(self.index, cache)], hidden_states)  # the client's cache lengths, as the swarm's client keeps them
         if not self.last:
             return hidden_states
         chain = self.chain

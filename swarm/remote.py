@@ -129,29 +129,33 @@ def _close_quietly(router: Router, session: ClientSession) -> None:
         logger.debug("closing session %s failed: %s", session.session_id, exc)
 
 
-def advance_length_only(cache, layer_idx: int, hidden: torch.Tensor, made: dict) -> None:
-    """Grow the client's cache for one layer by the step's tokens, with meta tensors (zero bytes).
+def advance_lengths(caches: list[tuple[int, Any]], hidden: torch.Tensor) -> None:
+    """Grow the client's caches by the step's tokens, layer by layer (`(layer, cache)` pairs), with meta tensors
+    (zero bytes).
 
     The cache's own `update` keeps every layer type right (sliding windows crop, lengths accumulate).
     For the plain `DynamicLayer`, whose update is a concatenation, the result is written directly:
     concatenating meta tensors runs torch's Python reference implementation (~0.1 ms a call), which
-    on the per-token path costs more than a whole small block. `made` (shape -> meta tensor, one dict per
-    step) lets the layers of one step share one such tensor: it holds no data, and each is one torch op fewer.
+    on the per-token path costs more than a whole small block. Layers of one step whose new length is the same
+    share one such tensor: it holds no data, and each is one torch op fewer. One call per step, not per layer:
+    this runs on every token's path.
     """
     from transformers.cache_utils import DynamicLayer
 
     batch, seq = hidden.shape[0], hidden.shape[1] if hidden.ndim > 2 else 1
-    layers = getattr(cache, "layers", None)
-    layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
-    if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.device.type == "meta" and layer.keys.ndim == 4:
-        shape = (batch, 1, layer.keys.shape[-2] + seq, 1)
-        kv = made.get(shape)
-        if kv is None:
-            kv = made[shape] = torch.empty(shape, device="meta")
-        layer.keys = layer.values = kv
-        return
-    kv = torch.empty((batch, 1, seq, 1), device="meta")
-    cache.update(kv, kv, layer_idx)
+    made: dict[tuple, torch.Tensor] = {}
+    for layer_idx, cache in caches:
+        layers = getattr(cache, "layers", None)
+        layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.device.type == "meta" and layer.keys.ndim == 4:
+            shape = (batch, 1, layer.keys.shape[-2] + seq, 1)
+            kv = made.get(shape)
+            if kv is None:
+                kv = made[shape] = torch.empty(shape, device="meta")
+            layer.keys = layer.values = kv
+            continue
+        kv = torch.empty((batch, 1, seq, 1), device="meta")
+        cache.update(kv, kv, layer_idx)
 
 
 class _Pass:
@@ -219,25 +223,29 @@ class BlockCapture:
             raise SplitForwardError("blocks of one forward pass received different cache objects")
         session = next(iter(sessions.values()), None)
         out = self.router.run(session, state.hidden, state.calls, self.attn_implementation)
-        made: dict = {}
-        for layer, cache in state.caches:
-            advance_length_only(cache, layer, state.hidden, made)
+        advance_lengths(state.caches, state.hidden)
         return self._format(out.to(device=hidden.device, dtype=hidden.dtype))
 
     def _bind_caches(self, index: int, args: tuple, kwargs: dict, state: _Pass):
+        """The layer's arguments with each cache object replaced by its session's `CacheRef` (one per session per
+        pass). Arguments without a cache are returned as they are: this runs for every layer of every token."""
         from transformers.cache_utils import Cache
 
-        def swap(value):
+        if any(isinstance(a, Cache) for a in args):
+            args = tuple(self._cache_ref(index, a, state) if isinstance(a, Cache) else a for a in args)
+        for key, value in kwargs.items():
             if isinstance(value, Cache):
-                session = bind_session(value, self.router, self.default_max_length)
-                state.caches.append((index, value))
-                ref = state.refs.get(session.session_id)
-                if ref is None:
-                    ref = state.refs[session.session_id] = CacheRef(session.session_id)
-                return ref
-            return value
+                kwargs = {k: self._cache_ref(index, v, state) if isinstance(v, Cache) else v for k, v in kwargs.items()}
+                break
+        return args, kwargs
 
-        return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+    def _cache_ref(self, index: int, cache, state: _Pass) -> CacheRef:
+        session = bind_session(cache, self.router, self.default_max_length)
+        state.caches.append((index, cache))
+        ref = state.refs.get(session.session_id)
+        if ref is None:
+            ref = state.refs[session.session_id] = CacheRef(session.session_id)
+        return ref
 
     def _format(self, hidden: torch.Tensor):
         if self._output_arity is None:

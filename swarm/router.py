@@ -557,12 +557,17 @@ class SwarmRouter:
 
         # a decode step of a running session is the last one's request but for its tensors and step: refilled
         # (swarm.wire.RepeatEncoder) when everything else it is built from is the last step's
+        # (layers that share an argument row share its objects: the distinct rows and which layer has which describe
+        # them all, at a fraction of the walk)
         tensors = [hidden]
-        shape = skeleton(layer_calls, tensors, {id(hidden): 0}) if t > 0 and not step.ops else None
+        shape = None
+        if t > 0 and not step.ops:
+            rows, index = dedupe_calls(layer_calls)
+            shape = skeleton(rows, tensors, {id(hidden): 0})
         if shape is None:
             data = encode_message(build())
         else:
-            key = (shape, tuple(dedupe_calls(layer_calls)[1]),  # which layers share an argument row: by identity
+            key = (shape, tuple(index),
                    tuple((s.hop.peer_id, s.hop.start, s.hop.end, s.session_id, s.key) for s in hops), tail,
                    attn_implementation, session.max_length, session.cache_class, self.policy.hop_timeout_s)
             data = state.requests.encode(key, tensors, t, build)
