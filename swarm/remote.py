@@ -233,7 +233,7 @@ class BlockCapture:
 
         if any(isinstance(a, Cache) for a in args):
             args = tuple(self._cache_ref(index, a, state) if isinstance(a, Cache) else a for a in args)
-        for key, value in kwargs.items():
+        for value in kwargs.values():
             if isinstance(value, Cache):
                 kwargs = {k: self._cache_ref(index, v, state) if isinstance(v, Cache) else v for k, v in kwargs.items()}
                 break
