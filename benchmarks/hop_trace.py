@@ -56,6 +56,7 @@ WRAPPED = [
     ("peer.steady", "SteadySteps", "forward", "next request assembled"),  # a refilled step's (None otherwise, then:)
     ("peer.handler", None, "plan_forward", "next request built"),
     ("peer.steady", "SteadySteps", "deliver", "reply assembled for the client"),  # tail delivery, refilled
+    ("peer.steady", "SteadySteps", "reply", "own reply assembled"),  # a refilled step's reply (no push, one peer)
     ("peer.handler", None, "encode_message", "reply encoded"),
     ("peer.handler", None, "deliver", "reply kept for the client"),
     ("peer.tails", "Tails", "put", "reply handed to the client"),

@@ -85,7 +85,14 @@ class StepHandler:
                         forward = plan_forward(request, result.hidden, owner)
                         if forward is not None and forward.request is not None:
                             self.steady.learn(request, forward.request)
-                    reply = forward if forward is not None else encode_message(result.to_wire())
+                    if forward is not None:
+                        reply = forward
+                    else:  # this step's own reply: refilled where its framing was learnt (peer.steady)
+                        reply = self.steady.reply(request, result.hidden) if not pushed else None
+                        if reply is None:
+                            reply = encode_message(result.to_wire())
+                            if not pushed:
+                                self.steady.learn(request, reply, reply=True)
                 except Exception as exc:  # noqa: BLE001
                     reply = _error_reply(exc)
             put(k, reply)

@@ -254,6 +254,15 @@ class SteadySteps:
             return None
         return Delivery(request.session_id, request.step, request.owner or owner, built[1])
 
+    def reply(self, request: StepRequest, hidden: torch.Tensor) -> bytes | None:
+        """A refilled step's own reply (a step neither pushed on nor delivered: a one-peer route, or no push), as
+        `deliver`: the reply to a decode step is the same bytes at every step but for its output."""
+        template = self._running(request)
+        if template is None or template.sends is None or request.next is not None or request.tail:
+            return None
+        built = self._assemble(template, hidden, (), template.sends[0])
+        return None if built is None else built[1]
+
     def _assemble(self, template: _Template, hidden: torch.Tensor, passed: tuple | list, metadata: bytes):
         """(the output's proto bytes, the message: the output, then the request's tensors `passed` as they came, then
         `metadata`), or None when the learnt framing does not fit."""
@@ -267,12 +276,13 @@ class SteadySteps:
         self.assembled += 1
         return out, b"".join(parts)
 
-    def learn(self, request: StepRequest, sent: bytes) -> None:
-        """What `swarm.chain` built for a remembered request (its next request, or its reply kept for the client):
-        the framing later steps reuse, when it is one this module reproduces exactly."""
+    def learn(self, request: StepRequest, sent: bytes, reply: bool = False) -> None:
+        """What was built for a remembered request (by `swarm.chain`: its next request, or its reply kept for the
+        client; or, `reply`, its own reply): the framing later steps reuse, when it is one this module reproduces
+        exactly."""
         template = self._running(request, hit=False)
-        if template is None or template.sends_tried:
-            return
+        if template is None or template.sends_tried or (reply and (request.next is not None or request.tail)):
+            return  # (a pushed or delivered step's framing is what it sends on, never its own reply's)
         template.sends_tried = True
         fields = message_fields(sent)
         if not fields or fields[-1][0] != METADATA_TAG or any(f[0] != TENSORS_TAG for f in fields[:-1]):
@@ -281,8 +291,8 @@ class SteadySteps:
         top = msgpack.unpackb(metadata, raw=False)
         if any(spec is not None for spec in top[1]):
             return  # the output went bit-packed (all zeros?): later outputs go raw, the framing would differ
-        if request.tail:
-            if "step" not in top[2]:
+        if request.tail or reply:
+            if "step" not in top[2] and (not reply or len(fields) == 2):  # a reply of the output alone
                 template.sends = (metadata, len(fields) - 1)  # a reply: the same bytes at every step
             return
         tail = _tail_step(metadata)

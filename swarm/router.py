@@ -285,6 +285,10 @@ class _SessionHop:
     # the session's secret on this peer: lets a step that another peer forwards (push) use the session
     key: str = field(default_factory=lambda: secrets.token_hex(16))
     unsure: bool = False  # a pushed step reached no further than this hop's input: its peer may have run it anyway
+    # its decode steps sent hop by hop (a one-peer route, no push) and their replies: each repeats the last one's
+    # bytes but for its tensors and step, so it is refilled, not encoded or decoded in full (swarm.wire)
+    requests: RepeatEncoder = field(default_factory=RepeatEncoder)
+    replies: RepeatDecoder = field(default_factory=RepeatDecoder)
 
 
 @dataclass
@@ -488,7 +492,11 @@ class SwarmRouter:
                 session_id=shop.session_id, new_session=shop.synced == 0, step=i,
                 session_key=shop.key if shop.synced == 0 else None,  # opening: later pushed steps will need it
             )
-            out = self._send(hop, request)
+            if i == t and i > 0 and not step.ops:  # the session's next decode step: refilled where it repeats
+                out = self._exchange(hop, self._repeat_request(shop, request, calls, attn_implementation, session),
+                                     request.hidden.shape, shop.replies.decode)
+            else:
+                out = self._send(hop, request)
             shop.synced = i + 1
             shop.unsure = False
             if hop.end < self.num_blocks:
@@ -712,16 +720,34 @@ class SwarmRouter:
 
     # ---- one request ---------------------------------------------------------------------------------
 
+    @staticmethod
+    def _repeat_request(shop: _SessionHop, request: StepRequest, calls: list[tuple[tuple, dict]], attn: str | None,
+                        session: ClientSession) -> bytes:
+        """`request` (a running session's step `request.step` to one hop) encoded, refilled from the hop's last one
+        when everything but its tensors and step is the same (`RepeatEncoder`; the key as `_push_step`'s)."""
+        tensors = [request.hidden]
+        rows, index = dedupe_calls(calls[request.start:request.end])
+        shape = skeleton(rows, tensors, {id(request.hidden): 0})
+        if shape is None:
+            return encode_message(request.to_wire())
+        key = (shape, tuple(index), shop.hop.peer_id, request.start, request.end, shop.session_id, attn,
+               session.max_length, session.cache_class)
+        return shop.requests.encode(key, tensors, request.step, request.to_wire)
+
     def _send(self, hop: Hop, request: StepRequest) -> torch.Tensor:
         """Send one request; a failure of the peer raises `_PeerFailed`, the request's own fault `RemoteError`."""
         data = encode_message(request.to_wire())  # TypeError/ValueError here are the caller's: not caught
+        return self._exchange(hop, data, request.hidden.shape, decode_message)
+
+    def _exchange(self, hop: Hop, data: bytes, shape: torch.Size, decode: Callable[[bytes], Any]) -> torch.Tensor:
+        """`_send` of an encoded request whose hidden state has `shape`; its reply read by `decode`."""
         try:
             try:
                 raw = self.transport.step(hop.peer_id, data)
             except ReplyLost as exc:
                 logger.info("%s; repeating the request once", exc)
                 raw = self.transport.step(hop.peer_id, data)
-            reply = decode_message(raw)
+            reply = decode(raw)
             raise_if_error(reply, hop.peer_id)
             out = StepResponse.from_wire(reply).hidden
         except RemoteError as exc:
@@ -733,8 +759,8 @@ class SwarmRouter:
             raise _PeerFailed(hop, str(exc), peer_healthy=forgot) from exc
         except (PeerUnreachable, OSError, TimeoutError, WireError, ProtocolError) as exc:
             raise _PeerFailed(hop, f"peer {hop.peer_id}: {type(exc).__name__}: {exc}") from exc
-        if out.shape != request.hidden.shape:
-            raise _PeerFailed(hop, f"peer {hop.peer_id} returned a hidden state of {tuple(out.shape)} for {tuple(request.hidden.shape)}")
+        if out.shape != shape:
+            raise _PeerFailed(hop, f"peer {hop.peer_id} returned a hidden state of {tuple(out.shape)} for {tuple(shape)}")
         return out
 
     # ---- failures ------------------------------------------------------------------------------------

@@ -147,17 +147,22 @@ def ids(n=5, seed=0):
 @pytest.mark.parametrize("push, tail", [(True, False), (True, True), (False, False)], ids=["push", "tail", "hop-by-hop"])
 def test_a_pushed_step_is_one_client_call_and_gives_the_same_tokens(llama, push, tail):
     path, local = llama
-    split, peers, transport, *_ = make_split(path, [(0, 2), (2, 4), (4, 6)], push=push, tail=tail)
+    split, peers, transport, _, router = make_split(path, [(0, 2), (2, 4), (4, 6)], push=push, tail=tail)
     want = local.generate(ids(), **GREEDY)
-    assert torch.equal(split.generate(ids(), **GREEDY), want)
+    with split.inference_session(max_length=64):
+        assert torch.equal(split.generate(ids(), **GREEDY), want)
+        hops = route_now(router)
     steps = GREEDY["max_new_tokens"]  # forward passes: the prefill and 19 decode steps
     assert len(transport.client_calls) == (steps if push else 3 * steps)
     assert len(transport.forwards) == (2 * steps if push else 0)
     assert transport.collected == (steps if tail else 0)  # every step's outputs came from the last peer
     # the prefill opens the sessions, the first decode step is decoded in full; every later one is refilled
     assert [p.handler.steady.hits for p in peers] == [steps - 2] * 3
-    # and what they send on (the next request; the last peer's kept reply, with tail delivery) is put together
-    assert [p.handler.steady.assembled for p in peers] == [steps - 2 if push else 0] * 2 + [steps - 2 if tail else 0]
+    # and what they send on is put together: the next request, the last peer's kept reply with tail delivery, or,
+    # hop by hop and from the last peer of a nested chain, the step's own reply
+    assert [p.handler.steady.assembled for p in peers] == [steps - 2] * 3
+    # hop by hop, the client refills its requests to each peer and their replies (pushed: the state's, next test)
+    assert [(h.requests.hits, h.replies.hits) for h in hops] == [(0 if push else steps - 2,) * 2] * 3
     beams = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)  # reorders ride along, pushed
     assert torch.equal(split.generate(ids(), **beams), local.generate(ids(), **beams))
     import gc

@@ -8,7 +8,7 @@ import torch
 
 from peer.steady import SteadySteps
 from swarm.chain import FORWARDED_KEYS, deliver, link_hops, plan_forward
-from swarm.protocol import CacheRef, StepRequest
+from swarm.protocol import CacheRef, StepRequest, StepResponse
 from swarm.wire import WireError, decode_message, encode_message
 
 
@@ -134,25 +134,44 @@ def test_garbage_still_gets_the_full_decoders_error():
     assert steady.decode(good, "client").step == 4 and steady.hits == 1  # and the session goes on
 
 
-def test_what_a_refilled_step_sends_on_is_the_bytes_swarm_chain_builds():
-    """The next request of a pushed step, and the last hop's reply kept for the client, are put together from the
-    framing learnt at the first step (as `peer.handler` does); they must be exactly what `swarm.chain` builds from
-    the full decode of the same bytes."""
-    for last in (False, True):
+@pytest.mark.parametrize("kind", ["pushed", "last", "own reply"])
+def test_what_a_refilled_step_sends_on_is_the_bytes_swarm_chain_builds(kind):
+    """The next request of a pushed step, the last hop's reply kept for the client, and a step's own reply (a
+    one-peer route, or no push) are put together from the framing learnt at the first step (as `peer.handler`
+    does); they must be exactly what `swarm.chain` (or, for the own reply, `encode_message`) builds from the full
+    decode of the same bytes."""
+    steady = SteadySteps()
+    for step in (3, 4, 5, 127, 128, 129):  # 127 -> 128: the step takes two bytes from there, the lengths change
+        data = _request(step, step, pushed=kind == "pushed", last=kind == "last")
+        got, want = steady.decode(data, "peer-a"), _full(data)
+        out = torch.randn(1, 1, 8)
+        if kind == "pushed":
+            built, sent = plan_forward(want, out, "peer-a").request, steady.forward(got, out)
+            sent = sent and sent.request
+        elif kind == "last":
+            built, sent = deliver(want, out, "peer-a").data, steady.deliver(got, out, "peer-a")
+            sent = sent and sent.data
+        else:
+            built, sent = encode_message(StepResponse(hidden=out).to_wire()), steady.reply(got, out)
+        if sent is None:  # what the handler does: swarm.chain builds it, and steady learns from it
+            steady.learn(got, built, reply=kind == "own reply")
+        else:
+            assert sent == built
+        steady.settle(got)
+    # 3 and 127 were decoded in full (127 does not follow 5) and taught the framing; the other four were refilled
+    assert steady.hits == steady.assembled == 4
+
+
+def test_a_pushed_or_delivered_step_gets_no_refilled_own_reply():
+    """Its own reply is not the bytes such a step answers with: `reply` leaves those to the handler."""
+    for kind in ("pushed", "last"):
         steady = SteadySteps()
-        for step in (3, 4, 5, 127, 128, 129):  # 127 -> 128: the step takes two bytes from there, the lengths change
-            data = _request(step, step, pushed=not last, last=last)
-            got, want = steady.decode(data, "peer-a"), _full(data)
+        for step in (3, 4):
+            got = steady.decode(_request(step, step, pushed=kind == "pushed", last=kind == "last"), "peer-a")
             out = torch.randn(1, 1, 8)
-            built = deliver(want, out, "peer-a").data if last else plan_forward(want, out, "peer-a").request
-            sent = steady.deliver(got, out, "peer-a") if last else steady.forward(got, out)
-            if sent is None:  # what the handler does: swarm.chain builds it, and steady learns from it
-                steady.learn(got, built)
-            else:
-                assert (sent.data if last else sent.request) == built
+            steady.learn(got, encode_message(StepResponse(hidden=out).to_wire()), reply=True)
+            assert steady.reply(got, out) is None
             steady.settle(got)
-        # 3 and 127 were decoded in full (127 does not follow 5) and taught the framing; the other four were refilled
-        assert steady.hits == steady.assembled == 4
 
 
 def test_the_step_is_packed_as_msgpack_packs_it():
