@@ -80,19 +80,18 @@ class StepHandler:
                     reply = deliver(request, _error_reply(exc), owner)
             else:
                 try:
-                    forward = self.steady.forward(request, result.hidden) if pushed else None
-                    if forward is None and pushed:
-                        forward = plan_forward(request, result.hidden, owner)
-                        if forward is not None and forward.request is not None:
-                            self.steady.learn(request, forward.request)
-                    if forward is not None:
-                        reply = forward
+                    if pushed:
+                        forward = self.steady.forward(request, result.hidden)
+                        if forward is None:
+                            forward = plan_forward(request, result.hidden, owner)
+                            if forward is not None and forward.request is not None:
+                                self.steady.learn(request, forward.request)
+                        reply = forward if forward is not None else encode_message(result.to_wire())
                     else:  # this step's own reply: refilled where its framing was learnt (peer.steady)
-                        reply = self.steady.reply(request, result.hidden) if not pushed else None
+                        reply = self.steady.reply(request, result.hidden)
                         if reply is None:
                             reply = encode_message(result.to_wire())
-                            if not pushed:
-                                self.steady.learn(request, reply, reply=True)
+                            self.steady.learn(request, reply, reply=True)
                 except Exception as exc:  # noqa: BLE001
                     reply = _error_reply(exc)
             put(k, reply)

@@ -493,7 +493,7 @@ class SwarmRouter:
                 session_key=shop.key if shop.synced == 0 else None,  # opening: later pushed steps will need it
             )
             if i == t and i > 0 and not step.ops:  # the session's next decode step: refilled where it repeats
-                out = self._exchange(hop, self._repeat_request(shop, request, calls, attn_implementation, session),
+                out = self._exchange(hop, self._repeat_request(shop, request, attn_implementation, session),
                                      request.hidden.shape, shop.replies.decode)
             else:
                 out = self._send(hop, request)
@@ -721,16 +721,15 @@ class SwarmRouter:
     # ---- one request ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _repeat_request(shop: _SessionHop, request: StepRequest, calls: list[tuple[tuple, dict]], attn: str | None,
-                        session: ClientSession) -> bytes:
+    def _repeat_request(shop: _SessionHop, request: StepRequest, attn: str | None, session: ClientSession) -> bytes:
         """`request` (a running session's step `request.step` to one hop) encoded, refilled from the hop's last one
-        when everything but its tensors and step is the same (`RepeatEncoder`; the key as `_push_step`'s)."""
+        when everything but its tensors and step is the same (`RepeatEncoder`; the key as `_push_step`'s, from the
+        distinct argument rows `build_step` already found)."""
         tensors = [request.hidden]
-        rows, index = dedupe_calls(calls[request.start:request.end])
-        shape = skeleton(rows, tensors, {id(request.hidden): 0})
+        shape = skeleton(request.calls, tensors, {id(request.hidden): 0})
         if shape is None:
             return encode_message(request.to_wire())
-        key = (shape, tuple(index), shop.hop.peer_id, request.start, request.end, shop.session_id, attn,
+        key = (shape, tuple(request.layer_calls), shop.hop.peer_id, request.start, request.end, shop.session_id, attn,
                session.max_length, session.cache_class)
         return shop.requests.encode(key, tensors, request.step, request.to_wire)
 
