@@ -28,7 +28,9 @@ Loopback has no network latency, which is what tail delivery saves, and this ker
 rounded up to the next millisecond or so.
 
 Linear kernels (`--linear-kernel`, `swarm.fast_linear`): the peers, the client and the local model all
-use the same setting, so that the ratios compare the swarm with the same computation run locally.
+use the same setting, so that the ratios compare the swarm with the same computation run locally. The same holds
+for where the weights live (`--huge-pages`, on by default, `swarm.huge_pages`): the local model's are moved into
+huge pages too, so the ratios measure the swarm's own costs, not a faster memory layout.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def main() -> None:
 
     from swarm import AutoDistributedModelForCausalLM, ClientConfig
     from swarm.fast_linear import KERNELS, speed_up_linears
+    from swarm.huge_pages import move_to_huge_pages
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["small", "medium"], choices=list(MODELS))
@@ -128,6 +131,8 @@ def main() -> None:
                              "none and this kernel has no netem (swarm.direct.EMULATED_LATENCY_S)")
     parser.add_argument("--linear-kernel", choices=KERNELS, default="auto",
                         help="peers', client's and local model's fp32 linear kernel (swarm.fast_linear)")
+    parser.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=True,
+                        help="weights of the peers, the client and the local model in huge pages (swarm.huge_pages)")
     parser.add_argument("--inline-max-ms", type=float, default=None,
                         help="peers' --inline-max-ms (default: theirs; 0: every step goes to their compute thread)")
     args = parser.parse_args()
@@ -151,6 +156,8 @@ def main() -> None:
         for name in args.models:
             path = build(name, Path(tmp))
             local = AutoModelForCausalLM.from_pretrained(path).eval()
+            if args.huge_pages:  # as the peers and the client do by default (swarm.huge_pages)
+                move_to_huge_pages(local)
             if args.linear_kernel == "auto":
                 speed_up_linears(local)
             local_samples = []
@@ -159,7 +166,8 @@ def main() -> None:
                 with SwarmProcesses(env=env) as procs:
                     dht = procs.start_dht()
                     launched = [procs.start_peer(path, dht, r, "--num-threads", str(args.threads),
-                                                 "--linear-kernel", args.linear_kernel, *peer_extra, wait=False)
+                                                 "--linear-kernel", args.linear_kernel,
+                                                 *([] if args.huge_pages else ["--no-huge-pages"]), *peer_extra, wait=False)
                                 for r in even_ranges(layers, k)]
                     for proc in launched:
                         procs.wait_ready(proc)
@@ -168,7 +176,8 @@ def main() -> None:
                         setup = f"swarm {k} peer{'s' * (k > 1)}{suffix}"
                         models[setup] = AutoDistributedModelForCausalLM.from_pretrained(
                             path, initial_peers=[dht],
-                            client_config=ClientConfig(push=push, tail_delivery=tail, linear_kernel=args.linear_kernel))
+                            client_config=ClientConfig(push=push, tail_delivery=tail, linear_kernel=args.linear_kernel,
+                                                       huge_pages=args.huge_pages))
                     samples = measure_rounds(models, prompt, args.new_tokens, args.runs)
                     for setup, model in models.items():
                         if setup != "local":

@@ -103,7 +103,9 @@ def relay_ends(start: int, end: int, next_port: int, fast_linears: bool):
     layers, config = model.model.layers[start:end], model.config
     if fast_linears:
         from swarm.fast_linear import speed_up_linears
+        from swarm.huge_pages import move_to_huge_pages
 
+        move_to_huge_pages(layers)  # as a peer does (swarm.huge_pages)
         speed_up_linears(layers)
     server = listener()
     print(server.getsockname()[1], flush=True)
@@ -258,9 +260,12 @@ def generate_main(args) -> None:
 
     from benchmarks.generate import build, measure_rounds, paired
     from swarm.fast_linear import speed_up_linears
+    from swarm.huge_pages import move_to_huge_pages
 
     torch.set_num_threads(1)
     local, client = small_model(), small_model()
+    move_to_huge_pages(local)  # as the peers and the swarm's client (`ClientConfig.huge_pages`)
+    move_to_huge_pages(client)
     speed_up_linears(local)  # as generate.py's local baseline and the swarm's client (`ClientConfig.linear_kernel`)
     speed_up_linears(client)
     num_layers = client.config.num_hidden_layers

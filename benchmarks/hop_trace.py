@@ -213,6 +213,7 @@ def main() -> None:
 
     from benchmarks.generate import MODELS, build, even_ranges
     from swarm.fast_linear import speed_up_linears
+    from swarm.huge_pages import move_to_huge_pages
     from swarm import AutoDistributedModelForCausalLM, ClientConfig
     from tests.processes import SwarmProcesses
 
@@ -242,6 +243,7 @@ def main() -> None:
             gen = dict(do_sample=False, pad_token_id=0, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
             model.generate(prompt, **gen)  # warm-up
             local = AutoModelForCausalLM.from_pretrained(path).eval()
+            move_to_huge_pages(local)  # as generate.py's baseline: the peers' and the client's default
             speed_up_linears(local)  # as generate.py's baseline: the peers' default kernel choice
             local.generate(prompt, **gen)
             local_wall = time.perf_counter()

@@ -3,7 +3,8 @@
 Prints the RSS a peer process adds while loading its 8 blocks, as a ratio to those blocks' own
 bytes (target: at most 1.3x), next to loading the whole model for comparison. Weights are read once after loading (safetensors maps files
 lazily; a serving peer touches every weight on its first step), so the figure is what a peer
-really holds. Each load runs in a
+really holds. The range is then moved into huge pages, as a CPU peer does by default (`swarm.huge_pages`), a
+copy out of the file's map. Each load runs in a
 fresh process, so peaks do not mix. The model (Llama-shaped, hidden 1024, 24 blocks, fp32,
 ~1.7 GB) is built once from a seeded config and saved with safetensors in a temp directory.
 """
@@ -24,6 +25,7 @@ import gc, json, sys
 import torch, transformers
 sys.path.insert(0, {root!r})
 from peer.loader import load_blocks
+from swarm.huge_pages import move_to_huge_pages
 from swarm.splitting import block_bytes
 
 def peak_bytes():
@@ -43,6 +45,7 @@ gc.collect()
 before = peak_bytes()
 if mode == "range":
     loaded = load_blocks(path, start, end)
+    move_to_huge_pages(loaded.blocks)  # as a CPU peer does (`--huge-pages`, the default): a copy out of the file map
     held = sum(block_bytes(b) for b in loaded.blocks)
 else:
     model = transformers.AutoModelForCausalLM.from_pretrained(path)

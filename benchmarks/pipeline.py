@@ -56,6 +56,7 @@ def main() -> None:
     from swarm import AutoDistributedModel
     from swarm.client import ClientConfig
     from swarm.fast_linear import KERNELS, speed_up_linears
+    from swarm.huge_pages import move_to_huge_pages
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="medium", choices=list(MODELS))
@@ -73,6 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = build(args.model, Path(tmp))
         models = {"local": AutoModel.from_pretrained(path).eval()}
+        move_to_huge_pages(models["local"])  # as the peers and the client do by default (swarm.huge_pages)
         if args.linear_kernel == "auto":
             speed_up_linears(models["local"])
         with SwarmProcesses() as procs:

@@ -54,6 +54,9 @@ def register(sub) -> None:
     p.add_argument("--linear-kernel", choices=("auto", "torch"), default="auto",
                    help="fp32 CPU linear layers over several rows (merged sessions, prefills): 'auto' runs them on "
                         "oneDNN from the rows where it measures faster at start-up; 'torch': torch's own kernel")
+    p.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU, copy the blocks' weights out of the file map into one region of transparent huge "
+                        "pages: decode reads every weight per token, and the copy measured ~9%% faster (default: on)")
     p.add_argument("--attn-implementation", default=None, help="transformers attention implementation")
     p.add_argument("--gpus-per-peer", type=int, default=None, metavar="K",
                    help="multi-GPU host: start one peer process per group of K GPUs (round-robin through "
@@ -106,6 +109,7 @@ def run_one(args: argparse.Namespace) -> int:
         batch_wait_ms=args.batch_wait_ms,
         inline_max_ms=args.inline_max_ms,
         linear_kernel=args.linear_kernel,
+        huge_pages=args.huge_pages,
         direct=args.direct,
         direct_port=args.direct_port,
         use_auto_relay=args.use_auto_relay,
@@ -146,6 +150,8 @@ def peer_argv(args: argparse.Namespace, index: int, gpus: list[str]) -> list[str
         argv += ["--announce-maddrs", *(_shift_port(m, index) for m in args.announce_maddrs)]
     if args.use_auto_relay:
         argv.append("--use-auto-relay")
+    if not args.huge_pages:
+        argv.append("--no-huge-pages")
     name = f"{args.public_name}-gpu{'+'.join(gpus)}" if args.public_name else f"gpu{'+'.join(gpus)}"
     argv += ["--public-name", name[:64]]
     if args.identity_path:

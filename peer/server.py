@@ -37,6 +37,7 @@ from swarm.registry import announce_peer, get_peers, local_peer_id, make_dht, re
 from swarm.direct import DirectClient, DirectServer
 from swarm.fast_linear import KERNELS as LINEAR_KERNELS
 from swarm.fast_linear import speed_up_linears
+from swarm.huge_pages import move_to_huge_pages
 from swarm.rpc import BlockService
 from swarm.splitting import load_config, read_config_json
 from swarm.wire import encode_message
@@ -73,6 +74,7 @@ class PeerConfig:
     direct_port: int = 0  # TCP port of the direct listener (on `host`); 0: any free port
     linear_kernel: str = "auto"  # fp32 CPU linear layers over several rows: "auto": oneDNN where measured faster
     # (swarm.fast_linear), "torch": torch's own kernel
+    huge_pages: bool = True  # CPU weights copied into one region of transparent huge pages (swarm.huge_pages)
     batch_wait_ms: float = 50.0  # a step may wait this long (and at most one batch's time) for other active sessions' steps
     inline_max_ms: float = 50.0  # a lone session's step expected to take less runs on the event loop (peer.batcher); 0: never
     limits: RunnerLimits = field(default_factory=RunnerLimits)
@@ -229,7 +231,9 @@ class PeerServer:
     def _load(self, start: int, end: int):
         cfg = self.config
         loaded = load_blocks(cfg.model, start, end, dtype=self.dtype, device=cfg.device, attn_implementation=cfg.attn_implementation)
-        if cfg.linear_kernel == "auto":
+        if cfg.huge_pages and loaded.device.type == "cpu":
+            logger.info("blocks %d:%d: %s", start, end, move_to_huge_pages(loaded.blocks).describe())
+        if cfg.linear_kernel == "auto":  # after the move: it times the layers on their final weights
             self.linear_rows = {f"{out}x{in_}": rows for (out, in_), rows in speed_up_linears(loaded.blocks).items()}
         return loaded
 

@@ -35,6 +35,7 @@ from swarm.direct import POLICIES as DIRECT_POLICIES
 from swarm.direct import BlockingDirectClient, fetch_offer
 from swarm.fast_linear import KERNELS as LINEAR_KERNELS
 from swarm.fast_linear import speed_up_linears
+from swarm.huge_pages import move_to_huge_pages
 from swarm.rpc import EmptyStream, Stubs, call_step
 from swarm.splitting import read_config_json
 
@@ -66,6 +67,8 @@ class ClientConfig:
     share_head: bool = True  # threads' concurrent sessions share one product of the output layer (swarm.shared_head)
     linear_kernel: str = "auto"  # the client's fp32 CPU linear layers (the output layer) over several rows: "auto":
     # oneDNN where measured faster at load (swarm.fast_linear), "torch": torch's own kernel
+    huge_pages: bool = True  # the client's CPU weights (embeddings, output layer) copied into one region of transparent
+    # huge pages (swarm.huge_pages): the output layer is read whole at every token
     spin_wait_ms: float = 5.0  # a direct step's reply is waited for awake (a busy core) up to this long, while replies
     # come that quickly (swarm.direct.SpinWait); 0: always sleep in the kernel
 
@@ -400,6 +403,8 @@ def _from_pretrained(
     )
     model.swarm_connection = connection
     model.swarm_model_key = key
+    if client_config.huge_pages:
+        move_to_huge_pages(model)
     if client_config.linear_kernel == "auto":
         speed_up_linears(model)  # before the shared head takes the output layer's forward
     model.swarm_head = SharedHead.attach(model) if client_config.share_head else None

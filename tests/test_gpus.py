@@ -81,7 +81,7 @@ def test_each_peer_gets_its_own_port_name_and_identity():
         cache_tokens=4096, activation_reserve="256MiB", host="0.0.0.0", port=31400,
         announce_maddrs=["/ip4/203.0.113.7/tcp/31400"], use_auto_relay=False, public_name="lab", identity_path="keys/peer.key",
         announce_period=30.0, num_threads=None, attn_implementation=None, gpus_per_peer=2, batch_wait_ms=4.0, inline_max_ms=0.0,
-        linear_kernel="torch",
+        linear_kernel="torch", huge_pages=False,
         direct="always", direct_port=31500,
     )
     argv = peer_argv(args, 1, ["2", "3"])
@@ -98,6 +98,7 @@ def test_each_peer_gets_its_own_port_name_and_identity():
     assert value("--dtype") == "bfloat16" and value("--host") == "0.0.0.0" and value("--cache-tokens") == "4096"
     assert value("--batch-wait-ms") == "4.0" and value("--linear-kernel") == "torch" and value("--inline-max-ms") == "0.0"
     assert value("--direct") == "always" and value("--direct-port") == "31501"
+    assert "--no-huge-pages" in argv
     assert "--blocks" not in argv and "--device" not in argv
 
 
