@@ -131,6 +131,8 @@ def move_to_huge_pages(module: nn.Module) -> Placement:
         params.append(p)
     if not params:
         return Placement(0, 0, False, "no CPU parameters")
+    if not (hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS")):  # Windows: no anonymous private maps
+        return Placement(0, 0, False, "no anonymous private memory maps on this system")
     sizes = [_aligned(p.numel() * p.element_size(), ALIGN) for p in params]
     total = sum(sizes)
     mode = thp_mode()
