@@ -92,7 +92,10 @@ class _PageDropper:
     process's memory until the map goes, i.e. until the last weight is copied: the peak would be twice the
     weights. Dropped as each tensor is copied, the peak stays at the weights plus one tensor. Only whole pages
     inside one copied tensor and inside a private file map are dropped; such a page reads back the file's bytes if
-    anything touches it again, so nothing else that still views the file loses data.
+    anything touches it again, so another view of the same bytes keeps its data. The one exception is a page
+    written in place after loading (a private copy of the file's page): the moved tensor has its bytes, another
+    view of it would read the file's again. Loaders do not write weights in place; transformers' conversions
+    make new tensors, which are not in the file's map and are never dropped.
     """
 
     def __init__(self) -> None:
