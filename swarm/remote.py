@@ -149,21 +149,17 @@ def advance_lengths(caches: list[tuple[int, Any]], hidden: torch.Tensor) -> None
     for layer_idx, cache in caches:
         layers = getattr(cache, "layers", None)
         layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
-        if type(layer) is DynamicLayer and not getattr(cache, "offloading", False):
-            if not layer.is_initialized:
-                kv = made.get((batch, 1, seq, 1))
-                if kv is None:
-                    kv = made[(batch, 1, seq, 1)] = torch.empty((batch, 1, seq, 1), device="meta")
-                layer.lazy_initialization(kv, kv)  # what its `update` does first; the concatenation onto its empty
-                layer.keys = layer.values = kv  # tensors would give `kv`'s shape
-                continue
-            if layer.keys.device.type == "meta" and layer.keys.ndim == 4:
-                shape = (batch, 1, layer.keys.shape[-2] + seq, 1)
-                kv = made.get(shape)
-                if kv is None:
-                    kv = made[shape] = torch.empty(shape, device="meta")
-                layer.keys = layer.values = kv
-                continue
+        if type(layer) is DynamicLayer and not getattr(cache, "offloading", False) and (
+            not layer.is_initialized or (layer.keys.device.type == "meta" and layer.keys.ndim == 4)
+        ):
+            shape = (batch, 1, (layer.keys.shape[-2] if layer.is_initialized else 0) + seq, 1)
+            kv = made.get(shape)
+            if kv is None:
+                kv = made[shape] = torch.empty(shape, device="meta")
+            if not layer.is_initialized:  # what its `update` does first; the concatenation onto the empty
+                layer.lazy_initialization(kv, kv)  # tensors it makes would give `kv`'s shape
+            layer.keys = layer.values = kv
+            continue
         kv = torch.empty((batch, 1, seq, 1), device="meta")
         cache.update(kv, kv, layer_idx)
 
