@@ -136,7 +136,8 @@ def move_to_huge_pages(module: nn.Module) -> Placement:
         return Placement(0, 0, False, "no CPU parameters")
     if not (hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS")):  # Windows: no anonymous private maps
         return Placement(0, 0, False, "no anonymous private memory maps on this system")
-    sizes = [_aligned(p.numel() * p.element_size(), ALIGN) for p in params]
+    nbytes = [p.numel() * p.element_size() for p in params]
+    sizes = [_aligned(n, ALIGN) for n in nbytes]
     total = sum(sizes)
     mode = thp_mode()
     huge = mode in ("always", "madvise") and hasattr(mmap, "MADV_HUGEPAGE")
@@ -157,8 +158,7 @@ def move_to_huge_pages(module: nn.Module) -> Placement:
     dropper = _PageDropper()
     moved = []
     with torch.no_grad():
-        for p, size in zip(params, sizes):
-            n = p.numel() * p.element_size()
+        for p, n, size in zip(params, nbytes, sizes):
             target = raw[offset:offset + n].view(p.dtype).view(p.shape)
             target.copy_(p.data)
             moved.append(target)
@@ -169,7 +169,7 @@ def move_to_huge_pages(module: nn.Module) -> Placement:
             p.data = target
         for p, index in aliases:
             p.data = moved[index]
-    return Placement(sum(p.numel() * p.element_size() for p in params), len(params), huge)
+    return Placement(sum(nbytes), len(params), huge)
 
 
 __all__ = ["HUGE_PAGE", "Placement", "move_to_huge_pages", "thp_mode"]
